@@ -1,0 +1,70 @@
+"""Batched LoRA: y += scale[s] * (x @ A[s, :r]^T) @ B[s, :, :r]^T for each token's slot s.
+
+Two functions with one meaning:
+- `lora_reference` is the semantics, a per-token loop (slow, obviously right).
+- `lora_grouped` is what the engine runs: the batch arrives grouped so that each active slot's
+  tokens are one contiguous segment; each active adapter's weights are read once, and the cost is
+  sum over active slots of (tokens x rank x (in + out)). Idle slots cost nothing, so the cost
+  never depends on how many slots exist (`max_loras`), only on the active adapters and ranks.
+
+Shapes: x [T, in]; y [T, out] (updated in place); A [S, r_max, in]; B [S, out, r_max];
+ranks[s] <= r_max (0: the slot has no weights for this module); scales[s] a float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def lora_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    token_slots: Sequence[int],
+) -> torch.Tensor:
+    """for t, s in enumerate(token_slots): if s >= 0 and ranks[s]: y[t] += scales[s] * B[s,:,:r] @ (A[s,:r] @ x[t])"""
+    _check(x, y, a, b)
+    for t, s in enumerate(token_slots):
+        r = ranks[s] if s >= 0 else 0
+        if r:
+            y[t] += scales[s] * (b[s, :, :r] @ (a[s, :r] @ x[t]))
+    return y
+
+
+def lora_grouped(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    segments: Sequence[tuple[int, int, int]],
+) -> torch.Tensor:
+    """Same as `lora_reference` where tokens start..end-1 of each (start, end, slot) use `slot`."""
+    for start, end, slot in segments:
+        r = ranks[slot]
+        if r == 0 or end == start:
+            continue
+        shrunk = (x[start:end] @ a[slot, :r].T) * scales[slot]  # [n, r]
+        y[start:end] += shrunk @ b[slot, :, :r].T  # [n, out]
+    return y
+
+
+def segments_to_token_slots(segments: Sequence[tuple[int, int, int]], num_tokens: int) -> list[int]:
+    """The per-token slot list that `lora_reference` takes (-1: no adapter)."""
+    slots = [-1] * num_tokens
+    for start, end, slot in segments:
+        slots[start:end] = [slot] * (end - start)
+    return slots
+
+
+def _check(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, in] and [T, out]")
+    if a.shape[2] != x.shape[1] or b.shape[1] != y.shape[1] or a.shape[:2] != (b.shape[0], b.shape[2]):
+        raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit x {tuple(x.shape)}, y {tuple(y.shape)}")

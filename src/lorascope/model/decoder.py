@@ -1,0 +1,46 @@
+"""The decoder: embeddings, N layers, final norm, LM head. `forward(input_ids, positions, ctx)` on a
+flat batch; `compute_logits` on the hidden states of the tokens that sample."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lorascope.model.config import ModelConfig
+from lorascope.model.context import StepContext
+from lorascope.model.layers import DecoderLayer, RMSNorm, Rotary
+from lorascope.model.lora import LoRASlotStore
+
+
+class _Body(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = Rotary(cfg, max_len)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, self.rotary) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = _Body(cfg, max_len)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, ctx)
+        return self.model.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ weight.T
+
+    def attach_lora(self, store: LoRASlotStore | None) -> None:
+        """Point every LoRA-capable linear at the slot store (None: run the base model only)."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                lin.store = store

@@ -1,0 +1,137 @@
+"""The decoder's layers: RMSNorm, rotary embedding (incl. llama3 scaling), LoRA-capable linear,
+attention over the paged KV cache, SwiGLU MLP. Parameter names are Hugging Face's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorascope.kernels.attention import paged_attention
+from lorascope.kernels.lora import lora_grouped
+from lorascope.model.config import ModelConfig
+from lorascope.model.context import StepContext
+from lorascope.model.lora import LoRASlotStore
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2], float32, with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class Rotary(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        self.cfg, self.max_len = cfg, max_len
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.materialize(torch.device("cpu"))
+
+    def materialize(self, device: torch.device) -> None:
+        """(Re)compute the tables on `device`: they are derived, never loaded."""
+        with torch.device(device):
+            freqs = torch.arange(self.max_len, dtype=torch.float32)[:, None] * rope_inv_freq(self.cfg)[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
+            self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # x [T, heads, D]
+        cos = self.cos[positions].to(x.dtype)[:, None, :]
+        sin = self.sin[positions].to(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class LoRALinear(nn.Module):
+    """A linear layer that adds the batch's LoRA deltas, grouped by slot (see kernels/lora.py)."""
+
+    def __init__(self, fan_in: int, fan_out: int, bias: bool, layer: int, module: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.bias = nn.Parameter(torch.empty(fan_out)) if bias else None
+        self.key = (layer, module)
+        self.store: LoRASlotStore | None = None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        store = self.store
+        if store is not None and ctx.lora is not None and ctx.lora.segments:
+            module = self.key[1]
+            lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module], ctx.lora.segments)
+        return y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
+        super().__init__()
+        self.layer = layer
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = LoRALinear(cfg.hidden_size, cfg.q_size, bias, layer, "q_proj")
+        self.k_proj = LoRALinear(cfg.hidden_size, cfg.kv_size, bias, layer, "k_proj")
+        self.v_proj = LoRALinear(cfg.hidden_size, cfg.kv_size, bias, layer, "v_proj")
+        self.o_proj = LoRALinear(cfg.q_size, cfg.hidden_size, False, layer, "o_proj")
+        self.rotary = [rotary]  # a list: shared, not a registered submodule of every layer
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x, ctx).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
+        q, k = self.rotary[0](q, positions), self.rotary[0](k, positions)
+        k_cache, v_cache = ctx.kv_caches[self.layer]
+        out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.head_dim**-0.5)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim), ctx)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False, layer, "gate_proj")
+        self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False, layer, "up_proj")
+        self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False, layer, "down_proj")
+
+    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x), ctx)
