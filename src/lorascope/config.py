@@ -24,12 +24,15 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # None: same as max_loras, as in vLLM
     max_lora_rank: int = 16
     eviction: str = "lru"
+    lora_target_modules: tuple[str, ...] | None = None  # slots are allocated for these; None: all
+    adapter_load_latency_s: float = 0.0  # injected per disk load (stands in for remote storage)
     # batching and memory
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
-    num_kv_blocks: int | None = None  # None: enough for max_num_seqs full-length sequences
+    num_kv_blocks: int | None = None  # None: from kv_cache_gb, capped at max_num_seqs full sequences
+    kv_cache_gb: float | None = None  # None: 1 GiB on CPU, 90% of free memory on CUDA
     # scheduling
     policy: str = "fair"
     fair_max_wait_steps: int = 64
@@ -61,6 +64,12 @@ class EngineConfig:
             raise ConfigError(f"eviction must be one of {EVICTIONS}, got {self.eviction!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lora_target_modules is not None:
+            from lorascope.model.config import LORA_TARGET_MODULES
+
+            unknown = set(self.lora_target_modules) - set(LORA_TARGET_MODULES)
+            if unknown:
+                raise ConfigError(f"lora_target_modules has unknown modules {sorted(unknown)}; known: {LORA_TARGET_MODULES}")
         if self.num_kv_blocks is not None:
             positive("num_kv_blocks")
         if self.max_model_len is not None:

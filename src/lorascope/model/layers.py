@@ -84,7 +84,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         store = self.store
-        if store is not None and ctx.lora is not None and ctx.lora.segments:
+        if store is not None and ctx.lora is not None and self.key in store.a:
             module = self.key[1]
             lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module], ctx.lora.segments)
         return y

@@ -46,13 +46,22 @@ class HostAdapter:
 
 
 class LoRASlotStore:
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        modules: tuple[str, ...] = LORA_TARGET_MODULES,
+    ):
         self.max_loras = max_loras
         self.max_rank = max_rank
+        self.modules = modules
         self.a: dict[tuple[int, str], torch.Tensor] = {}
         self.b: dict[tuple[int, str], torch.Tensor] = {}
         for layer in range(cfg.num_hidden_layers):
-            for module in LORA_TARGET_MODULES:
+            for module in modules:
                 fan_in, fan_out = cfg.module_shape(module)
                 self.a[layer, module] = torch.zeros(max_loras, max_rank, fan_in, dtype=dtype, device=device)
                 self.b[layer, module] = torch.zeros(max_loras, fan_out, max_rank, dtype=dtype, device=device)
@@ -68,6 +77,12 @@ class LoRASlotStore:
         """Copy an adapter into a slot. The caller guarantees no running step reads this slot."""
         if adapter.rank > self.max_rank:
             raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank} > max_lora_rank {self.max_rank}")
+        extra = adapter.modules - set(self.modules)
+        if extra:
+            raise ValueError(
+                f"adapter {adapter.name!r} targets {sorted(extra)}, which the engine holds no slots for; "
+                f"add them to lora_target_modules (now {list(self.modules)})"
+            )
         self.clear(slot)
         for (layer, module), (a, b) in adapter.weights.items():
             r = a.shape[0]

@@ -1,0 +1,216 @@
+"""LLMEngine: the wiring. `add_request` validates and queues; `step` schedules, runs the model once,
+samples, and finishes requests. Everything else lives in the parts it wires together."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lorascope.adapters.cache import AdapterCache
+from lorascope.adapters.peft import AdapterError
+from lorascope.adapters.source import AdapterSource, DirectorySource
+from lorascope.config import ConfigError, EngineConfig
+from lorascope.engine.kv_cache import BlockManager
+from lorascope.engine.request import Request, Status
+from lorascope.engine.runner import ModelRunner
+from lorascope.engine.sampling import SamplingParams, sample
+from lorascope.engine.scheduler import Scheduler
+from lorascope.model.config import LORA_TARGET_MODULES
+from lorascope.model.lora import LoRASlotStore
+from lorascope.model.weights import DTYPES, load_model
+
+
+class PromptError(ValueError):
+    """A prompt the engine cannot take (empty, too long, ids outside the vocabulary)."""
+
+
+@dataclass(slots=True)
+class StepRecord:
+    step: int
+    start_s: float
+    duration_s: float
+    num_seqs: int
+    num_tokens: int
+    num_adapters: int  # distinct adapters in the step
+    skipped: int
+    preempted: int
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig, adapters: Path | str | dict[str, Path] | AdapterSource | None = None):
+        self.cfg = cfg
+        device = torch.device(cfg.device)
+        dtype = DTYPES[cfg.dtype]
+        loaded = load_model(cfg.model, cfg.dtype, cfg.device, max_len=cfg.max_model_len, seed=cfg.seed)
+        self.model_name, self.model_cfg, self.tokenizer = loaded.name, loaded.cfg, loaded.tokenizer
+        self.max_model_len = cfg.max_model_len or loaded.cfg.max_position_embeddings
+        self.eos_ids = loaded.cfg.eos_token_id or (self.tokenizer.eos_ids if self.tokenizer else ())
+        self.source = _make_source(adapters, cfg.adapter_load_latency_s)
+        modules = tuple(cfg.lora_target_modules or LORA_TARGET_MODULES)
+        self.store = LoRASlotStore(loaded.cfg, cfg.max_loras, cfg.max_lora_rank, dtype, device, modules)
+        loaded.model.attach_lora(self.store)
+        self.cache = AdapterCache(
+            self.source, loaded.cfg, self.store, cfg.max_cpu_loras or cfg.max_loras, cfg.eviction, dtype, cfg.loader_threads
+        )
+        num_blocks = cfg.num_kv_blocks or self._default_num_blocks(dtype, device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size)
+        self.scheduler = Scheduler(cfg, self.blocks, self.cache)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device)
+        self.requests: dict[str, Request] = {}
+        self.steps: deque[StepRecord] = deque(maxlen=100_000)
+        self._ids = itertools.count()
+
+    def _default_num_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
+        c = self.model_cfg
+        bytes_per_block = 2 * c.num_hidden_layers * self.cfg.block_size * c.kv_size * torch.finfo(dtype).bits // 8
+        if self.cfg.kv_cache_gb is not None:
+            budget = self.cfg.kv_cache_gb * 2**30
+        elif device.type == "cuda":
+            budget = 0.9 * torch.cuda.mem_get_info(device)[0]
+        else:
+            budget = 2**30
+        needed = self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size)
+        return max(1, min(int(budget // bytes_per_block), needed))
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if adapter is not None and not self.source.has(adapter):
+            known = self.source.names()
+            raise AdapterError(
+                f"unknown adapter {adapter!r}; {len(known)} registered"
+                + (f" (e.g. {', '.join(known[:3])})" if known else "; pass an adapter directory to the engine")
+            )
+        req = Request(request_id or f"req-{next(self._ids)}", ids, params, adapter)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
+        if params.seed is not None:
+            req.generator = torch.Generator().manual_seed(params.seed)
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PromptError(f"model {self.model_name!r} has no tokenizer.json: pass prompts as token-id lists")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty: give at least one token")
+        vocab = self.model_cfg.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise PromptError(f"prompt token {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise PromptError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} "
+                "(prompt plus at least one generated token): shorten the prompt or raise max_model_len"
+            )
+        return ids
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.finished:
+            self.scheduler.finish(req, "abort")
+            req.finish_time = time.monotonic()
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def step(self) -> list[Request]:
+        """Run one step. Returns the requests that produced a token or finished in it."""
+        start = time.perf_counter()
+        out = self.scheduler.schedule()
+        done = [r for r in self.requests.values() if r.finished]  # failed in scheduling
+        if not out.scheduled:
+            if self.scheduler.waiting and not done:
+                self.cache.wait_for_loads(0.05)  # nothing runnable: the queue waits on loads
+            return self._forget(done)
+        samplers, logits = self.runner.execute(out.scheduled, self.cache.slot_of.__getitem__)
+        for req, n in out.scheduled:
+            req.num_computed += n
+        progressed = list(done)
+        if logits is not None:
+            tokens = sample(
+                logits,
+                [r.params for r in samplers],
+                [r.generator for r in samplers],
+                [len(r.output_ids) for r in samplers],
+                self.eos_ids,
+            )
+            now = time.monotonic()
+            for i, (req, token) in enumerate(zip(samplers, tokens, strict=True)):
+                self._append(req, token, logits[i] if req.params.return_logits else None, now)
+                progressed.append(req)
+        self.steps.append(
+            StepRecord(out.step, start, time.perf_counter() - start, len(out.scheduled), out.num_tokens,
+                       len(out.adapters), out.skipped, len(out.preempted))
+        )
+        return self._forget([r for r in progressed if r.finished]) + [r for r in progressed if not r.finished]
+
+    def _append(self, req: Request, token: int, logits: torch.Tensor | None, now: float) -> None:
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output_ids.append(token)
+        if logits is not None:
+            req.logits.append(logits.cpu())
+        p = req.params
+        reason = None
+        if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+            reason = "stop"
+        elif len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            req.finish_time = now
+
+    def _forget(self, finished: list[Request]) -> list[Request]:
+        for req in finished:
+            self.requests.pop(req.request_id, None)
+        return finished
+
+    # --- observability ------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_used": self.blocks.num_used,
+            "kv_blocks_total": self.blocks.num_blocks,
+            "adapters": self.cache.stats(),
+        }
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+def _make_source(adapters: Path | str | dict[str, Path] | AdapterSource | None, latency_s: float) -> AdapterSource:
+    if adapters is None:
+        return DirectorySource({}, latency_s)
+    if isinstance(adapters, (str, Path)):
+        return DirectorySource.from_root(Path(adapters), latency_s)
+    if isinstance(adapters, dict):
+        return DirectorySource({k: Path(v) for k, v in adapters.items()}, latency_s)
+    if hasattr(adapters, "load"):
+        return adapters
+    raise ConfigError(f"adapters must be a directory, a {{name: path}} dict or an AdapterSource, got {type(adapters).__name__}")

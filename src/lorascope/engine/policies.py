@@ -1,0 +1,119 @@
+"""Admission policies: which waiting requests join the running batch this step.
+
+`vllm` reproduces vLLM's rule: first come first served, at most `max_loras` distinct adapters in
+the running set; a waiting request whose adapter is not in that set is *skipped* while the set is
+full, and requests behind it may go first. A cold adapter that gets a place is loaded (beside the
+step, unlike vLLM, which loads inside it) and counts against the cap while it loads.
+
+`fair` (default) bounds every request's wait:
+1. Requests that have waited `fair_max_wait_steps` steps or more are *overdue*. Overdue requests
+   are admitted strictly in arrival order, and while the oldest overdue request cannot start,
+   nothing that arrived after it is admitted ahead of it (except into room left over once a seat,
+   its KV blocks and a slot for its adapter are secured). Admissions pause, running requests
+   drain and free a slot, and it starts. So once overdue, its remaining wait is bounded by the
+   work already ahead of it, never by later arrivals.
+2. Otherwise adapters are grouped to keep the working set small: requests whose adapter is
+   resident go first (in arrival order), then the others grouped by adapter, oldest group first;
+   their adapters are loaded into free slots or in place of resident adapters nobody waits for.
+3. Adapters of the next `prefetch_lookahead` queued requests are prefetched into the host tier.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from lorascope.config import EngineConfig
+from lorascope.engine.request import Request, Status
+
+if TYPE_CHECKING:
+    from lorascope.engine.scheduler import Scheduler, SchedulerOutput
+
+
+class AdmissionPolicy(Protocol):
+    def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None: ...
+
+
+class VLLMPolicy:
+    def __init__(self, cfg: EngineConfig):
+        self.max_loras = cfg.max_loras
+        self._reserved: dict[str, Request] = {}  # adapter -> the waiting request it loads for
+
+    def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None:
+        self._reserved = {a: r for a, r in self._reserved.items() if r.status is Status.WAITING}
+        loras = {r.adapter for r in s.running if r.adapter is not None} | set(self._reserved)
+        for req in list(s.waiting):
+            if len(s.running) >= s.cfg.max_num_seqs or budget <= 0:
+                break
+            adapter = req.adapter
+            if adapter is not None and adapter not in loras and len(loras) >= self.max_loras:
+                req.skipped += 1
+                out.skipped += 1
+                continue
+            if not s.adapter_ready(req):
+                assert adapter is not None and s.cache is not None
+                if s.cache.request_load(adapter, protected=loras):
+                    loras.add(adapter)
+                    self._reserved.setdefault(adapter, req)
+                continue
+            if not s.can_admit(req, budget):
+                break  # out of KV blocks: wait for running requests to finish, as vLLM does
+            budget -= s.admit(req, out, budget)
+            if adapter is not None:
+                loras.add(adapter)
+                self._reserved.pop(adapter, None)
+
+
+class FairPolicy:
+    def __init__(self, cfg: EngineConfig):
+        self.max_wait_steps = cfg.fair_max_wait_steps
+        self.lookahead = cfg.prefetch_lookahead
+
+    def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None:
+        reserve_seats, reserve_blocks = 0, 0
+        for req in [r for r in s.waiting if s.step - r.arrival_step >= self.max_wait_steps]:
+            if s.can_admit(req, budget):
+                budget -= s.admit(req, out, budget)
+                continue
+            secured = req.adapter is not None and s.cache is not None and s.cache.request_load(req.adapter)
+            chunk = s.first_chunk(req, budget)
+            blocks = s.blocks.blocks_needed(req, req.num_computed + chunk)
+            room = len(s.running) + 1 < s.cfg.max_num_seqs and blocks < s.blocks.num_free and chunk < budget
+            if not (secured and room):
+                self._prefetch(s)
+                return  # drain: nothing overtakes the oldest overdue request
+            reserve_seats, reserve_blocks, budget = 1, blocks, budget - chunk
+            break
+        self._admit_grouped(s, out, budget, reserve_seats, reserve_blocks)
+        self._prefetch(s)
+
+    def _admit_grouped(self, s: Scheduler, out: SchedulerOutput, budget: int, seats: int, blocks: int) -> None:
+        cache = s.cache
+        oldest: dict[str | None, int] = {}
+        for i, r in enumerate(s.waiting):
+            oldest.setdefault(r.adapter, i)
+        order = sorted(range(len(s.waiting)), key=lambda i: (not s.adapter_ready(s.waiting[i]), oldest[s.waiting[i].adapter], i))
+        candidates = [s.waiting[i] for i in order]
+        wanted = {r.adapter for r in candidates if r.adapter is not None and s.adapter_ready(r)}
+        for req in candidates:
+            if len(s.running) + seats >= s.cfg.max_num_seqs or budget <= 0:
+                break
+            if s.adapter_ready(req):
+                need = s.blocks.blocks_needed(req, req.num_computed + s.first_chunk(req, budget))
+                if need + blocks > s.blocks.num_free:
+                    break
+                budget -= s.admit(req, out, budget)
+            else:
+                assert cache is not None and req.adapter is not None
+                if not cache.is_loading(req.adapter) and cache.request_load(req.adapter, protected=wanted):
+                    wanted.add(req.adapter)
+
+    def _prefetch(self, s: Scheduler) -> None:
+        if s.cache is None:
+            return
+        for req in s.waiting[: self.lookahead]:
+            if req.adapter is not None and not s.cache.is_ready(req.adapter) and not s.cache.is_loading(req.adapter):
+                s.cache.prefetch_host(req.adapter)
+
+
+def make_admission_policy(cfg: EngineConfig) -> AdmissionPolicy:
+    return VLLMPolicy(cfg) if cfg.policy == "vllm" else FairPolicy(cfg)
