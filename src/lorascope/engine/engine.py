@@ -126,6 +126,24 @@ class LLMEngine:
             )
         return ids
 
+    def preload(self, names: list[str], timeout_s: float = 600.0) -> None:
+        """Load adapters into device slots now (warm-up); at most max_loras of them stay resident."""
+        if len(names) > self.cfg.max_loras:
+            raise ConfigError(f"cannot preload {len(names)} adapters into max_loras={self.cfg.max_loras} slots")
+        deadline = time.monotonic() + timeout_s
+        for name in names:
+            if not self.source.has(name):
+                raise AdapterError(f"unknown adapter {name!r}")
+            self.cache.request_load(name, protected=set(names))
+        while any(not self.cache.is_ready(n) for n in names):
+            self.cache.wait_for_loads(0.1)
+            self.cache.poll()
+            failed = [n for n in names if n in self.cache.failed]
+            if failed:
+                raise AdapterError(f"adapter {failed[0]!r} failed to load: {self.cache.failed[failed[0]]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"adapters not loaded within {timeout_s} s")
+
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.finished:
