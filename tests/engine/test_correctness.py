@@ -46,7 +46,7 @@ def _run(mdir, adapters, reqs, **engine_args):
 
 
 def _assert_matches(outs, ref, reqs) -> None:
-    for (prompt, name), out, want in zip(reqs, outs, ref, strict=True):
+    for (_prompt, name), out, want in zip(reqs, outs, ref, strict=True):
         assert out.token_ids == want.token_ids, f"adapter {name}: tokens differ from HF+PEFT"
         got = torch.stack(out.logits)
         rel = ((got - want.logits).norm() / want.logits.norm()).item()
@@ -80,9 +80,9 @@ def test_few_slots_swap_adapters_and_stay_correct(case) -> None:
 
 
 def test_adapters_change_the_output(case) -> None:
-    _, adapters, reqs, ref = case
-    by_prompt_len = {}
-    for (prompt, name), want in zip(reqs, ref, strict=True):
-        by_prompt_len.setdefault(len(prompt), []).append(want.token_ids)
-    outputs = [tuple(w.token_ids) for w in ref]
-    assert len(set(outputs)) >= len(outputs) - 2, "adapters barely change the output: the test would be blind"
+    """Guard against a blind test: each adapter must change the base model's continuation."""
+    mdir, _, reqs, ref = case
+    adapter_reqs = [(p, a) for p, a in reqs if a is not None]
+    base = reference_generate(mdir, {}, [(p, None) for p, _ in adapter_reqs], MAX_TOKENS)
+    changed = sum(b.token_ids != r.token_ids for b, r in zip(base, ref, strict=False))
+    assert changed >= len(adapter_reqs) - 1, f"only {changed}/{len(adapter_reqs)} adapters change the output"

@@ -41,7 +41,7 @@ def builtin_tokenizer(vocab_size: int = BUILTIN_VOCAB_SIZE, bos_id: int = BOS_ID
 
     Padding matters: vLLM needs the tokenizer's size to equal the model's vocab.
     """
-    if vocab_size < BUILTIN_VOCAB_SIZE or not (BYTE_VOCAB <= min(bos_id, eos_id)) or max(bos_id, eos_id) >= vocab_size:
+    if vocab_size < BUILTIN_VOCAB_SIZE or not (min(bos_id, eos_id) >= BYTE_VOCAB) or max(bos_id, eos_id) >= vocab_size:
         raise ValueError(f"cannot lay out a byte tokenizer of {vocab_size} ids with bos={bos_id} eos={eos_id}")
     names = {bos_id: SPECIAL_TOKENS[0], eos_id: SPECIAL_TOKENS[1]}
     free = (i for i in range(BYTE_VOCAB, vocab_size) if i not in names)

@@ -92,7 +92,7 @@ def _load_safetensors(model: Decoder, path: Path, dtype: torch.dtype) -> None:
     seen: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 if key not in params:
                     if key == "lm_head.weight" and model.lm_head is None:
                         continue  # a tied model saved with an explicit head
