@@ -6,12 +6,12 @@ full, and requests behind it may go first. A cold adapter that gets a place is l
 step, unlike vLLM, which loads inside it) and counts against the cap while it loads.
 
 `fair` (default) bounds every request's wait:
-1. Requests that have waited `fair_max_wait_steps` steps or more are *overdue*. Overdue requests
-   are admitted strictly in arrival order, and while the oldest overdue request cannot start,
-   nothing that arrived after it is admitted ahead of it (except into room left over once a seat,
-   its KV blocks and a slot for its adapter are secured). Admissions pause, running requests
-   drain and free a slot, and it starts. So once overdue, its remaining wait is bounded by the
-   work already ahead of it, never by later arrivals.
+1. Requests that have waited `fair_max_wait_steps` steps or more are *overdue*. While any overdue
+   request waits, only overdue requests are admitted, in arrival order. When the oldest cannot
+   start, admissions pause: running requests drain and free a seat, KV blocks and a slot, and it
+   starts. (If only its adapter's load is missing, its seat and blocks are held back and the next
+   overdue requests may use what is left.) So once overdue, a request's remaining wait is bounded
+   by the work already ahead of it, never by later arrivals.
 2. Otherwise adapters are grouped to keep the working set small: requests whose adapter is
    resident go first (in arrival order), then the others grouped by adapter, oldest group first;
    their adapters are loaded into free slots or in place of resident adapters nobody waits for.
@@ -69,21 +69,23 @@ class FairPolicy:
         self.lookahead = cfg.prefetch_lookahead
 
     def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None:
-        reserve_seats, reserve_blocks = 0, 0
-        for req in [r for r in s.waiting if s.step - r.arrival_step >= self.max_wait_steps]:
-            if s.can_admit(req, budget):
+        overdue = [r for r in s.waiting if s.step - r.arrival_step >= self.max_wait_steps]
+        seats, blocks = 0, 0  # held back for overdue requests whose adapter is still loading
+        for req in overdue:
+            chunk = s.first_chunk(req, budget)
+            need = s.blocks.blocks_needed(req, req.num_computed + chunk)
+            room = len(s.running) + seats < s.cfg.max_num_seqs and need + blocks <= s.blocks.num_free and budget > 0
+            if room and s.adapter_ready(req):
                 budget -= s.admit(req, out, budget)
                 continue
             secured = req.adapter is not None and s.cache is not None and s.cache.request_load(req.adapter)
-            chunk = s.first_chunk(req, budget)
-            blocks = s.blocks.blocks_needed(req, req.num_computed + chunk)
-            room = len(s.running) + 1 < s.cfg.max_num_seqs and blocks < s.blocks.num_free and chunk < budget
-            if not (secured and room):
-                self._prefetch(s)
-                return  # drain: nothing overtakes the oldest overdue request
-            reserve_seats, reserve_blocks, budget = 1, blocks, budget - chunk
-            break
-        self._admit_grouped(s, out, budget, reserve_seats, reserve_blocks)
+            if not (room and secured):
+                break  # drain: admissions pause until the running requests free what it needs
+            seats, blocks, budget = seats + 1, blocks + need, budget - chunk
+        if any(r.status is Status.WAITING for r in overdue):
+            self._prefetch(s)
+            return  # nothing that arrived later goes ahead of a waiting overdue request
+        self._admit_grouped(s, out, budget, 0, 0)
         self._prefetch(s)
 
     def _admit_grouped(self, s: Scheduler, out: SchedulerOutput, budget: int, seats: int, blocks: int) -> None:
