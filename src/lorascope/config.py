@@ -32,7 +32,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from kv_cache_gb, capped at max_num_seqs full sequences
-    kv_cache_gb: float | None = None  # None: 1 GiB on CPU, 90% of free memory on CUDA
+    kv_cache_gb: float | None = None  # None: 0.5 GiB on CPU, 90% of free memory on CUDA
     # scheduling
     policy: str = "fair"
     fair_max_wait_steps: int = 64

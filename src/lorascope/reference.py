@@ -33,7 +33,7 @@ class ReferenceOutput:
 
 
 def reference_generate(
-    model_dir: Path,
+    model_dir: Path | PreTrainedModel,
     adapters: dict[str, Path],
     requests: list[Request],
     max_tokens: int,
@@ -50,7 +50,11 @@ def reference_generate(
     AutoModelForCausalLM, PeftModel = _import_hf()
 
     with torch.inference_mode():
-        model: Any = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype).to(device)
+        model: Any
+        if isinstance(model_dir, (str, Path)):
+            model = AutoModelForCausalLM.from_pretrained(Path(model_dir), dtype=dtype).to(device)
+        else:  # an HF model already built (e.g. sharing the engine's weights: hf_model_sharing)
+            model = model_dir
         model.eval()
         cache_kwarg = _cache_kwarg(model)
         # Only named adapters are loaded: an unused adapter would cost load time and change nothing.
@@ -79,6 +83,29 @@ def reference_generate(
                 for index in indices:
                     results[index] = _greedy(model, requests[index][0], max_tokens, device, keep_logits, cache_kwarg)
     return [r for r in results if r is not None]
+
+
+def hf_model_sharing(decoder: Any, device: str) -> PreTrainedModel:
+    """An HF transformers model whose parameters ARE the given lorascope Decoder's tensors.
+
+    For big shapes (the 8B preset on a GPU) this avoids writing and re-reading the weights: the
+    reference runs the very same tensors, by identity, and no second copy stays in memory.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = decoder.cfg.to_hf_dict()
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    dtype = decoder.model.embed_tokens.weight.dtype
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = decoder.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (k == "lm_head.weight" and decoder.cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"HF model and Decoder disagree: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if decoder.cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval()
 
 
 def _cache_kwarg(model: PreTrainedModel) -> str:

@@ -122,6 +122,7 @@ def test_decode_continues_during_a_slow_load(adapters, model_dir) -> None:
     load_time = time.monotonic() - start
     produced = len(running.output_ids) - tokens_before
     assert load_time >= 1.5, "the load was not slow: the test would be blind"
-    assert produced >= 10, f"only {produced} tokens during a {load_time:.1f} s load"
-    assert longest_step < 1.0, f"a step took {longest_step:.2f} s: the load ran inside it"
+    # a load inside the step would give one 1.5 s step and no tokens in between
+    assert produced >= 3, f"only {produced} tokens during a {load_time:.1f} s load"
+    assert longest_step < 0.75, f"a step took {longest_step:.2f} s: the load ran inside it"
     engine.close()

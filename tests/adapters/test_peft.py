@@ -79,6 +79,7 @@ def test_config_mirrors_peft_lora_config(tmp_path: Path) -> None:
     theirs = json.loads((tmp_path / CONFIG_FILE).read_text())
     ours = peft_config_dict(8, 16.0, targets, "tiny")
     assert ours.keys() == theirs.keys()
+    assert sorted(ours.pop("target_modules")) == sorted(theirs.pop("target_modules"))  # PEFT saves a set: any order
     assert {k: v for k, v in ours.items() if k != "peft_version"} == {k: v for k, v in theirs.items() if k != "peft_version"}
 
 
@@ -87,6 +88,7 @@ def test_list_adapter_dirs(tmp_path: Path) -> None:
         _write(tmp_path / name)
     (tmp_path / "not-an-adapter").mkdir()
     (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "a" / "nested").mkdir()  # only immediate subdirectories count
     assert list_adapter_dirs(tmp_path) == {"a": tmp_path / "a", "b": tmp_path / "b"}
     with pytest.raises(AdapterError, match="not a directory"):
         list_adapter_dirs(tmp_path / "missing")
@@ -119,6 +121,7 @@ def test_real_peft_loads_our_files(base_dirs: dict[str, Path], tmp_path: Path, p
         {"target_modules": "all-linear"},
         {"target_modules": r".*\.(k_proj|up_proj)"},
         {"target_modules": ["o_proj", "gate_proj"], "layers_to_transform": [1, 3]},
+        {"target_modules": ["model.layers.0.mlp.up_proj", "down_proj"], "layers_to_transform": [1]},
         {"target_modules": ["q_proj", "k_proj"], "exclude_modules": ["k_proj"], "use_rslora": True},
     ],
 )
@@ -138,6 +141,16 @@ def test_reads_real_peft_adapter(base_dirs: dict[str, Path], tmp_path: Path, lor
     for key, (a, b) in expected.items():
         assert torch.equal(adapter.weights[key][0], a) and torch.equal(adapter.weights[key][1], b)
         assert b.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("target_modules", "modules"),
+    [("all-linear", LORA_TARGET_MODULES), (r"model\.layers\.\d+\.self_attn\.(q|v)_proj", ("q_proj", "v_proj"))],
+)
+def test_target_modules_as_string(tmp_path: Path, target_modules: str, modules: tuple[str, ...]) -> None:
+    _write(tmp_path / "ad", targets=modules)
+    _edit_config(tmp_path / "ad", target_modules=target_modules)
+    assert read_peft_adapter(tmp_path / "ad", TINY, 8).modules == set(modules)
 
 
 def test_accepts_adapter_name_infix(tmp_path: Path) -> None:
@@ -248,7 +261,7 @@ def test_error_unsupported_target(tmp_path: Path, target: str) -> None:
 def test_error_regex_matches_nothing(tmp_path: Path) -> None:
     _write(tmp_path / "ad")
     _edit_config(tmp_path / "ad", target_modules=r".*\.c_attn")
-    _error(tmp_path / "ad", "target_modules", "c_attn", "matches no module", "another base model")
+    _error(tmp_path / "ad", "target_modules", "c_attn", "selects no module", "another base model")
 
 
 def test_error_rank_above_max(tmp_path: Path) -> None:
@@ -305,3 +318,20 @@ def test_error_non_finite(tmp_path: Path, bad: float) -> None:
 
     _edit_tensors(tmp_path / "ad", poison)
     _error(tmp_path / "ad", repr(key), "NaN or Inf", "retrain or re-export")
+
+
+@pytest.mark.parametrize(
+    ("changes", "needles"),
+    [
+        ({"r": 0}, ("r=0", "positive integer", "fix r")),
+        ({"lora_alpha": "x"}, ("lora_alpha='x'", "finite number", "fix lora_alpha")),
+        ({"target_modules": 3}, ("target_modules=3", "fix target_modules")),
+        ({"layers_to_transform": "x"}, ("layers_to_transform='x'", "fix layers_to_transform")),
+        ({"target_modules": "(.*"}, ("target_modules regex '(.*'", "invalid", "fix the pattern")),
+        ({"target_modules": "all-linear", "layers_to_transform": [0]}, ("layers_to_transform", "PEFT rejects that too")),
+    ],
+)
+def test_error_bad_field(tmp_path: Path, changes: dict, needles: tuple[str, ...]) -> None:
+    _write(tmp_path / "ad")
+    _edit_config(tmp_path / "ad", **changes)
+    _error(tmp_path / "ad", *needles)

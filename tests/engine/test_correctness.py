@@ -80,9 +80,13 @@ def test_few_slots_swap_adapters_and_stay_correct(case) -> None:
 
 
 def test_adapters_change_the_output(case) -> None:
-    """Guard against a blind test: each adapter must change the base model's continuation."""
+    """Guard against a blind test: each adapter must move the logits far beyond the 1e-4 tolerance
+    (so a wrong or missing adapter cannot pass), and most must change the greedy tokens."""
     mdir, _, reqs, ref = case
     adapter_reqs = [(p, a) for p, a in reqs if a is not None]
     base = reference_generate(mdir, {}, [(p, None) for p, _ in adapter_reqs], MAX_TOKENS)
+    for (_, name), b, r in zip(adapter_reqs, base, ref, strict=False):
+        moved = ((r.logits[0] - b.logits[0]).norm() / b.logits[0].norm()).item()
+        assert moved > 1e-2, f"adapter {name} moves the first logits by only {moved:.1e}"
     changed = sum(b.token_ids != r.token_ids for b, r in zip(base, ref, strict=False))
-    assert changed >= len(adapter_reqs) - 1, f"only {changed}/{len(adapter_reqs)} adapters change the output"
+    assert changed >= len(adapter_reqs) // 2, f"only {changed}/{len(adapter_reqs)} adapters change the output"

@@ -16,7 +16,7 @@ from lorascope.adapters.peft import AdapterError
 from lorascope.adapters.source import AdapterSource, DirectorySource
 from lorascope.config import ConfigError, EngineConfig
 from lorascope.engine.kv_cache import BlockManager
-from lorascope.engine.request import Request, Status
+from lorascope.engine.request import Request
 from lorascope.engine.runner import ModelRunner
 from lorascope.engine.sampling import SamplingParams, sample
 from lorascope.engine.scheduler import Scheduler
@@ -58,6 +58,12 @@ class LLMEngine:
             self.source, loaded.cfg, self.store, cfg.max_cpu_loras or cfg.max_loras, cfg.eviction, dtype, cfg.loader_threads
         )
         num_blocks = cfg.num_kv_blocks or self._default_num_blocks(dtype, device)
+        if num_blocks * cfg.block_size < self.max_model_len:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * cfg.block_size} tokens ({num_blocks} blocks of {cfg.block_size}) but "
+                f"max_model_len is {self.max_model_len}: one full-length request could never run; lower max_model_len "
+                "or give the cache more room (num_kv_blocks / kv_cache_gb)"
+            )
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device)
@@ -73,7 +79,7 @@ class LLMEngine:
         elif device.type == "cuda":
             budget = 0.9 * torch.cuda.mem_get_info(device)[0]
         else:
-            budget = 2**30
+            budget = 2**29
         needed = self.cfg.max_num_seqs * -(-self.max_model_len // self.cfg.block_size)
         return max(1, min(int(budget // bytes_per_block), needed))
 
@@ -155,6 +161,7 @@ class LLMEngine:
 
     # --- one step ---------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def step(self) -> list[Request]:
         """Run one step. Returns the requests that produced a token or finished in it."""
         start = time.perf_counter()
@@ -169,6 +176,7 @@ class LLMEngine:
             req.num_computed += n
         progressed = list(done)
         if logits is not None:
+            raw = logits.clone() if any(r.params.return_logits for r in samplers) else logits
             tokens = sample(
                 logits,
                 [r.params for r in samplers],
@@ -178,7 +186,7 @@ class LLMEngine:
             )
             now = time.monotonic()
             for i, (req, token) in enumerate(zip(samplers, tokens, strict=True)):
-                self._append(req, token, logits[i] if req.params.return_logits else None, now)
+                self._append(req, token, raw[i] if req.params.return_logits else None, now)
                 progressed.append(req)
         self.steps.append(
             StepRecord(out.step, start, time.perf_counter() - start, len(out.scheduled), out.num_tokens,

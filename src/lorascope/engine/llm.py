@@ -55,7 +55,7 @@ class LLM:
         self,
         prompts: str | Sequence[str] | Sequence[list[int]],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
-        adapter: str | None | Sequence[str | None] = None,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[Completion]:
         """All prompts go in at once (mixed batches); completions come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
@@ -65,7 +65,14 @@ class LLM:
         adapters = list(adapter) if isinstance(adapter, Sequence) and not isinstance(adapter, str) else [adapter] * n
         if len(params_list) != n or len(adapters) != n:
             raise ValueError(f"{n} prompts but {len(params_list)} params and {len(adapters)} adapters")
-        reqs = [self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapters, strict=True)]
+        reqs: list[Request] = []
+        try:
+            for p, sp, a in zip(prompts, params_list, adapters, strict=True):
+                reqs.append(self.engine.add_request(p, sp, a))
+        except Exception:
+            for r in reqs:  # all or nothing: no half-added batch lingers in the engine
+                self.engine.abort(r.request_id)
+            raise
         while self.engine.has_unfinished():
             self.engine.step()
         return [Completion.of(r, self.engine) for r in reqs]

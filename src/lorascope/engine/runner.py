@@ -11,11 +11,11 @@ from collections.abc import Callable
 
 import torch
 
+from lorascope.engine.request import Request
 from lorascope.kernels.attention import AttentionMetadata
 from lorascope.model.context import StepContext
 from lorascope.model.decoder import Decoder
 from lorascope.model.lora import LoRABatch
-from lorascope.engine.request import Request
 
 
 class ModelRunner:
