@@ -76,7 +76,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    report: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    import peft
+    import transformers
+
+    report: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                 "transformers": transformers.__version__, "peft": peft.__version__}
+    print(report, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="lorascope-gpu-"))
     t0 = time.perf_counter()
     every = make_adapters(tmp / "all", MODEL, 2, [8, 16], ALL, seed=1)

@@ -77,7 +77,10 @@ def reference_generate(
                 # With no adapter loaded the model is the plain HF model; otherwise bypass LoRA.
                 context = model.disable_adapter() if used else nullcontext()
             else:
-                model.set_adapter(name, inference_mode=True)
+                try:
+                    model.set_adapter(name, inference_mode=True)
+                except TypeError:  # peft before 0.18 has no inference_mode (and keeps adapters frozen)
+                    model.set_adapter(name)
                 context = nullcontext()
             with context:
                 for index in indices:
@@ -97,7 +100,10 @@ def hf_model_sharing(decoder: Any, device: str) -> PreTrainedModel:
     config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
     dtype = decoder.model.embed_tokens.weight.dtype
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except TypeError:  # transformers < 4.56 spells it torch_dtype
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     state = decoder.state_dict()
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and decoder.cfg.tie_word_embeddings)]
@@ -127,8 +133,7 @@ def _greedy(
     rows: list[torch.Tensor] = []
     margins: list[float] = []
     for _ in range(max_tokens):
-        # logits_to_keep=1: only the last position chooses a token; the prefill need not build [len, vocab].
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+        out = model(input_ids=input_ids, use_cache=True, **{cache_kwarg: cache})
         cache = getattr(out, cache_kwarg)
         step = out.logits[0, -1].float()
         token = int(step.argmax())
