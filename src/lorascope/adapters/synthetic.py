@@ -14,7 +14,7 @@ import torch
 
 from lorascope.adapters.peft import write_peft_adapter
 from lorascope.model.config import LORA_TARGET_MODULES, ModelConfig
-from lorascope.model.weights import resolve_config
+from lorascope.model.weights import init_std, resolve_config
 
 # The LoRA delta's std relative to the base layer's output std: large enough to move the logits
 # clearly, small enough that every layer adapted at once does not swamp the base model.
@@ -28,13 +28,14 @@ def adapter_names(count: int) -> list[str]:
 
 
 def _b_std(cfg: ModelConfig, module: str, rank: int, scale: float) -> float:
-    """sigma_B with scale * sigma_B * sqrt(r) = DELTA_TO_BASE * initializer_range * sqrt(in).
+    """sigma_B with scale * sigma_B * sqrt(r) = DELTA_TO_BASE * init_std * sqrt(in).
 
     For unit-RMS input, A ~ N(0, 1/in) gives A x entries of unit variance, so the delta's std is
-    scale * sigma_B * sqrt(r); the base layer's output std is initializer_range * sqrt(in).
+    scale * sigma_B * sqrt(r); the base layer's output std is init_std(module) * sqrt(in), with the
+    std the random base model draws that module with (model/weights.py).
     """
     fan_in, _ = cfg.module_shape(module)
-    return DELTA_TO_BASE * cfg.initializer_range * math.sqrt(fan_in) / (scale * math.sqrt(rank))
+    return DELTA_TO_BASE * init_std(cfg, module) * math.sqrt(fan_in) / (scale * math.sqrt(rank))
 
 
 def _generator_seed(seed: int, index: int) -> int:

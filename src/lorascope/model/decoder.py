@@ -29,7 +29,9 @@ class Decoder(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        # The residual stream stays in float32: in bf16 its 2L roundings cost more accuracy than the
+        # matmuls do (llama-3.1-8b shape, benchmarks/RESULTS.md); for float32 models nothing changes.
+        x = self.model.embed_tokens(input_ids).float()
         for layer in self.model.layers:
             x = layer(x, positions, ctx)
         return self.model.norm(x)

@@ -23,10 +23,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        """Normalise in float32; the result comes out in the weights' dtype (HF's order of casts)."""
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32.to(self.weight.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -133,5 +133,6 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, layer)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x), ctx)
+        """x is the residual stream, kept in float32 whatever the weights' dtype (see Decoder)."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, ctx).float()
+        return x + self.mlp(self.post_attention_layernorm(x), ctx).float()
