@@ -79,12 +79,12 @@ def main() -> None:
         print(f"adapters make: 1000 tiny rank-16 q/v adapters in {results['adapters_make']['tiny_1000_r16_qv_s']:.2f} s")
         if not args.skip_8b:
             start = time.perf_counter()
-            make_adapters(tmp / "8b", "llama-3.1-8b", 100, 16, ["q_proj", "v_proj"])
+            make_adapters(tmp / "8b", "llama-3.1-8b", 100, 16, ["q_proj", "v_proj"], dtype=torch.bfloat16)
             secs = time.perf_counter() - start
             size = sum(f.stat().st_size for f in (tmp / "8b").rglob("*.safetensors"))
             results["adapters_make"]["llama8b_100_r16_qv_s"] = secs
             results["adapters_make"]["llama8b_adapter_mb"] = size / 100 / 1e6
-            print(f"adapters make: 100 llama-3.1-8b rank-16 q/v adapters ({size / 100 / 1e6:.1f} MB each) in {secs:.1f} s")
+            print(f"adapters make: 100 llama-3.1-8b rank-16 q/v bf16 adapters ({size / 100 / 1e6:.1f} MB each) in {secs:.1f} s")
             shutil.rmtree(tmp / "8b")
         all_names = sorted(p.name for p in (tmp / "tiny").iterdir())
         requests, warmup = (64, 32) if args.quick else (512, 64)

@@ -64,13 +64,18 @@ def adapters_make(
     targets: Annotated[str, typer.Option(help="comma-separated target modules")] = "q_proj,v_proj",
     alpha: Annotated[float | None, typer.Option(help="lora_alpha (default 2 x rank)")] = None,
     seed: int = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (bf16 halves the files)")] = "float32",
 ) -> None:
     """Write COUNT random (non-zero) adapters in PEFT's exact format."""
     from lorascope.adapters.synthetic import make_adapters
+    from lorascope.model.weights import DTYPES
 
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ranks = [int(r) for r in rank.split(",")]
     start = time.perf_counter()
-    paths = make_adapters(out, model, count, ranks if len(ranks) > 1 else ranks[0], targets.split(","), alpha, seed)
+    paths = make_adapters(out, model, count, ranks if len(ranks) > 1 else ranks[0], targets.split(","), alpha, seed,
+                          DTYPES[dtype])
     console.print(f"wrote {len(paths)} adapters to {out} in {time.perf_counter() - start:.2f} s")
 
 
