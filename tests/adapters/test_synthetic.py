@@ -71,11 +71,11 @@ def test_delta_is_half_the_base_output(tmp_path: Path, module: str) -> None:
     (path,) = make_adapters(tmp_path, "tiny", 1, 16, [module])
     adapter = read_peft_adapter(path, TINY, 16)
     a, b = adapter.weights[1, module]
-    fan_in, fan_out = TINY.module_shape(module)
+    fan_in, _ = TINY.module_shape(module)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(512, fan_in, generator=gen)  # unit-RMS input
     layer = load_model("tiny").model.model.layers[1]
-    base_w = dict(layer.named_modules())[f"{'mlp' if module.endswith('_proj') and module[:-5] in ('gate', 'up', 'down') else 'self_attn'}.{module}"].weight
+    base_w = getattr(layer.mlp if module in ("gate_proj", "up_proj", "down_proj") else layer.self_attn, module).weight
     ratio = (adapter.scales[module] * x @ a.T @ b.T).std() / (x @ base_w.T).std()
     assert ratio == pytest.approx(DELTA_TO_BASE, rel=0.25)
 
