@@ -44,3 +44,20 @@ def test_rank_zero_and_empty_segments_add_nothing() -> None:
 def test_reference_rejects_bad_shapes() -> None:
     with pytest.raises(ValueError, match="do not fit"):
         lora_reference(torch.randn(2, 8), torch.zeros(2, 6), torch.randn(1, 4, 9), torch.randn(1, 6, 4), [4], [1.0], [0, 0])
+
+
+def test_decode_segments_with_mixed_ranks_and_stale_rows() -> None:
+    """Uniform decode: every segment one token. Rows past each slot's rank hold stale weights
+    (a previous, larger-rank adapter) and must not leak into the result."""
+    gen = torch.Generator().manual_seed(3)
+    slots, r_max, fan_in, fan_out = 32, 16, 48, 40
+    a = torch.randn(slots, r_max, fan_in, generator=gen)
+    b = torch.randn(slots, fan_out, r_max, generator=gen)
+    ranks = [(4, 8, 16, 0)[i % 4] for i in range(slots)]
+    scales = [0.25 * (1 + i % 5) for i in range(slots)]
+    segments = [(i, i + 1, (7 * i) % slots) for i in range(20)]
+    x = torch.randn(20, fan_in, generator=gen)
+    y0 = torch.randn(20, fan_out, generator=gen)
+    ref = lora_reference(x.double(), y0.double().clone(), a.double(), b.double(), ranks, scales, segments_to_token_slots(segments, 20))
+    got = lora_grouped(x, y0.clone(), a, b, ranks, scales, segments)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-6

@@ -45,14 +45,49 @@ def lora_grouped(
     scales: Sequence[float],
     segments: Sequence[tuple[int, int, int]],
 ) -> torch.Tensor:
-    """Same as `lora_reference` where tokens start..end-1 of each (start, end, slot) use `slot`."""
+    """Same as `lora_reference` where tokens start..end-1 of each (start, end, slot) use `slot`.
+
+    Single-token segments (decode steps of adapters with one request in the batch: the common
+    case under uniform traffic) go through one gathered bmm pair; longer segments are one matmul
+    pair each. Either way each active adapter's weights are read once.
+    """
+    singles = [(start, slot) for start, end, slot in segments if end - start == 1 and ranks[slot]]
+    if len(singles) < _MIN_BATCHED:
+        singles = []
     for start, end, slot in segments:
         r = ranks[slot]
-        if r == 0 or end == start:
+        if r == 0 or end - start == 0 or (end - start == 1 and singles):
             continue
         shrunk = (x[start:end] @ a[slot, :r].T) * scales[slot]  # [n, r]
         y[start:end] += shrunk @ b[slot, :, :r].T  # [n, out]
+    if singles:
+        _batched_singles(x, y, a, b, ranks, scales, singles)
     return y
+
+
+_MIN_BATCHED = 2
+
+
+def _batched_singles(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    singles: list[tuple[int, int]],
+) -> None:
+    device = x.device
+    rows = torch.tensor([row for row, _ in singles], device=device)
+    slot_list = [slot for _, slot in singles]
+    slots = torch.tensor(slot_list, device=device)
+    r_max = max(ranks[s] for s in slot_list)
+    # rows past a slot's own rank hold stale weights: the mask zeroes them (and carries the scale)
+    rank_t = torch.tensor([ranks[s] for s in slot_list], device=device)
+    mask = (torch.arange(r_max, device=device)[None, :] < rank_t[:, None]).to(x.dtype)
+    mask *= torch.tensor([scales[s] for s in slot_list], device=device, dtype=x.dtype)[:, None]  # [n, r]
+    shrunk = torch.bmm(a[slots, :r_max], x[rows].unsqueeze(-1)).squeeze(-1) * mask  # [n, r]
+    y[rows] += torch.bmm(b[slots, :, :r_max], shrunk.unsqueeze(-1)).squeeze(-1)  # [n, out]
 
 
 def segments_to_token_slots(segments: Sequence[tuple[int, int, int]], num_tokens: int) -> list[int]:
