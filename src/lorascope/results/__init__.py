@@ -1,0 +1,1 @@
+"""Per-request records and per-cell summaries (the run directory\x27s data)."""

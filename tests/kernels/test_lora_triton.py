@@ -1,0 +1,276 @@
+"""The Triton LoRA kernels (kernels/lora_triton.py) compute what `lora_reference` says.
+
+The kernel tests (`test_kernel_*`) run on a CUDA device when there is one. Without one they run on
+the CPU under Triton's interpreter: `test_kernels_under_triton_interpreter` starts this file again in
+a subprocess with TRITON_INTERPRET=1 (it must be set before triton is imported), selecting them.
+The metadata tests need neither triton nor a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorascope.kernels.lora import lora_reference, segments_to_token_slots
+from lorascope.kernels.lora_triton import HAS_TRITON, LoRAMeta, lora_grouped_triton, padded_rank
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+kernel_test = pytest.mark.skipif(
+    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
+    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
+)
+cuda_only = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA device and triton")
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def make_case(gen: torch.Generator, dtype: torch.dtype, num_slots: int, active: int, fan_in: int, fan_out: int,
+              r_max: int = 16, lengths: tuple[int, ...] = (1, 3, 17), gap: int = 2, rank_cycle=(4, 8, 16)):
+    """Weights with NaN in every stale row (past a slot's rank), segments of the given lengths in
+    sorted slot order with `gap` base-model tokens before each, one active slot of rank 0."""
+    ranks = [min(r_max, rank_cycle[i % len(rank_cycle)]) for i in range(num_slots)]
+    scales = [0.25 + 0.5 * (i % 5) for i in range(num_slots)]
+    chosen = sorted(torch.randperm(num_slots, generator=gen)[:active].tolist())
+    if active >= 3:
+        ranks[chosen[1]] = 0  # an active slot whose adapter lacks this module
+    a = torch.randn(num_slots, r_max, fan_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(num_slots, fan_out, r_max, generator=gen, dtype=torch.float64)
+    for s, r in enumerate(ranks):  # stale weights: must never be read (NaN would poison any sum)
+        a[s, r:] = float("nan")
+        b[s, :, r:] = float("nan")
+    segments, pos = [], 0
+    for i, slot in enumerate(chosen):
+        pos += gap
+        n = lengths[i % len(lengths)]
+        segments.append((pos, pos + n, slot))
+        pos += n
+    tokens = pos + gap
+    x = torch.randn(tokens, fan_in, generator=gen, dtype=torch.float64)
+    y0 = torch.randn(tokens, fan_out, generator=gen, dtype=torch.float64)
+    on = {"dtype": dtype, "device": DEVICE}
+    return x.to(**on), y0.to(**on), a.to(**on), b.to(**on), ranks, scales, segments
+
+
+def check(x, y0, a, b, ranks, scales, segments, got, dtype) -> None:
+    tokens = x.shape[0]
+    slots_of = segments_to_token_slots(segments, tokens)
+    ref = lora_reference(x.double().cpu(), y0.double().cpu(), a.double().cpu(), b.double().cpu(), ranks, scales,
+                         slots_of)
+    got = got.double().cpu()
+    assert not torch.isnan(got).any(), "stale (NaN) rows leaked into the result"
+    delta = (ref - y0.double().cpu()).norm()
+    if delta > 0:
+        err = ((got - ref).norm() / delta).item()
+        assert err < TOL[dtype], f"relative error {err:.2e} over the LoRA delta (tolerance {TOL[dtype]:.0e})"
+    untouched = [t for t, s in enumerate(slots_of) if s < 0 or ranks[s] == 0]
+    assert torch.equal(got[untouched], y0.double().cpu()[untouched]), "tokens without an adapter must be untouched"
+
+
+@pytest.mark.gpu
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_slots,active", [(1, 1), (8, 3), (8, 8), (64, 5)])
+@pytest.mark.parametrize("fan_in,fan_out", [(72, 40), (200, 136)])
+def test_kernel_matches_reference(dtype: torch.dtype, num_slots: int, active: int, fan_in: int, fan_out: int) -> None:
+    gen = torch.Generator().manual_seed(num_slots * 31 + active * 7 + fan_in)
+    x, y0, a, b, ranks, scales, segments = make_case(gen, dtype, num_slots, active, fan_in, fan_out)
+    y = y0.clone()
+    out = lora_grouped_triton(x, y, a, b, ranks, scales, segments)
+    assert out is y, "y is updated in place and returned"
+    check(x, y0, a, b, ranks, scales, segments, y, dtype)
+
+
+@pytest.mark.gpu
+@kernel_test
+@pytest.mark.parametrize("r_max,rank_cycle", [(8, (4, 8)), (24, (24, 4, 17)), (64, (64, 16))])
+def test_kernel_ranks_not_power_of_two_padding(r_max: int, rank_cycle: tuple[int, ...]) -> None:
+    """r_max is padded to a power of two >= 16 inside the kernels; ranks up to r_max all work."""
+    gen = torch.Generator().manual_seed(r_max)
+    case = make_case(gen, torch.float32, 6, 4, 96, 50, r_max=r_max, rank_cycle=rank_cycle, lengths=(2, 1, 5))
+    x, y0, a, b, ranks, scales, segments = case
+    y = y0.clone()
+    lora_grouped_triton(x, y, a, b, ranks, scales, segments)
+    check(*case, y, torch.float32)
+    assert padded_rank(r_max) >= max(16, r_max)
+
+
+@pytest.mark.gpu
+@kernel_test
+@pytest.mark.parametrize("split_k", [1, 2, 3, 16])
+def test_kernel_split_k_and_block_n_overrides(split_k: int) -> None:
+    """Every split of K (including more splits than K blocks) gives the same sum."""
+    gen = torch.Generator().manual_seed(split_k)
+    case = make_case(gen, torch.float32, 8, 4, 300, 70, lengths=(1, 17, 3))
+    x, y0, a, b, ranks, scales, segments = case
+    y = y0.clone()
+    lora_grouped_triton(x, y, a, b, ranks, scales, segments, split_k=split_k, block_n=32)
+    check(*case, y, torch.float32)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_decode_single_token_segments_no_gaps() -> None:
+    """Uniform decode: every token its own segment, back to back, many slots."""
+    gen = torch.Generator().manual_seed(5)
+    case = make_case(gen, torch.bfloat16, 64, 24, 136, 72, lengths=(1,), gap=0)
+    x, y0, a, b, ranks, scales, segments = case
+    y = y0.clone()
+    lora_grouped_triton(x, y, a, b, ranks, scales, segments)
+    check(*case, y, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_empty_and_all_base_batches_leave_y_alone() -> None:
+    gen = torch.Generator().manual_seed(9)
+    x, y0, a, b, ranks, scales, _ = make_case(gen, torch.float32, 4, 2, 40, 24)
+    y = y0.clone()
+    assert lora_grouped_triton(x, y, a, b, ranks, scales, []) is y
+    assert torch.equal(y, y0)
+    zero_rank = [0] * len(ranks)
+    lora_grouped_triton(x, y, a, b, zero_rank, scales, [(0, 3, 1), (3, 3, 2)])  # rank 0; an empty segment
+    assert torch.equal(y, y0)
+    meta = LoRAMeta.build([], {"q_proj": ranks}, {"q_proj": scales}, DEVICE)
+    lora_grouped_triton(x, y, a, b, None, None, None, meta=meta["q_proj"])
+    assert torch.equal(y, y0)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_meta_built_once_serves_modules_and_layers() -> None:
+    """One LoRAMeta per step: each module's view carries its own ranks and scales, every layer reuses it;
+    a fixed-capacity meta (padding segments) and its in-place update give the same results."""
+    gen = torch.Generator().manual_seed(11)
+    num_slots, fan_in = 16, 80
+    segments = [(1, 2, 3), (2, 5, 6), (7, 24, 9), (24, 25, 15)]
+    ranks = {"q_proj": [(16, 8, 4)[s % 3] for s in range(num_slots)], "v_proj": [(4, 0, 16, 8)[s % 4] for s in range(num_slots)]}
+    scales = {"q_proj": [0.5 + s for s in range(num_slots)], "v_proj": [2.0 - 0.1 * s for s in range(num_slots)]}
+    fan_out = {"q_proj": 48, "v_proj": 20}
+    metas = [LoRAMeta.build(segments, ranks, scales, DEVICE),
+             LoRAMeta.build([(0, 1, 0)], ranks, scales, DEVICE, capacity=8, max_len_bound=32)]
+    metas[1].update(segments, ranks, scales)
+    for meta in metas:
+        for _layer in range(2):
+            x = torch.randn(26, fan_in, generator=gen).to(DEVICE)
+            for module in ("q_proj", "v_proj"):
+                a = torch.randn(num_slots, 16, fan_in, generator=gen).to(DEVICE)
+                b = torch.randn(num_slots, fan_out[module], 16, generator=gen).to(DEVICE)
+                y0 = torch.randn(26, fan_out[module], generator=gen).to(DEVICE)
+                y = y0.clone()
+                lora_grouped_triton(x, y, a, b, None, None, None, meta=meta[module])
+                check(x, y0, a, b, ranks[module], scales[module], segments, y, torch.float32)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_strided_inputs() -> None:
+    """x and y may be column slices of wider tensors (e.g. a fused projection's output)."""
+    gen = torch.Generator().manual_seed(13)
+    x, y0, a, b, ranks, scales, segments = make_case(gen, torch.float32, 8, 4, 72, 40)
+    wide_x = torch.randn(x.shape[0], 100, generator=gen).to(DEVICE)
+    wide_x[:, 10:82] = x
+    wide_y = torch.randn(x.shape[0], 64, generator=gen).to(DEVICE)
+    wide_y[:, 5:45] = y0
+    keep = wide_y.clone()
+    lora_grouped_triton(wide_x[:, 10:82], wide_y[:, 5:45], a, b, ranks, scales, segments)
+    check(x, y0, a, b, ranks, scales, segments, wide_y[:, 5:45], torch.float32)
+    assert torch.equal(wide_y[:, :5], keep[:, :5]) and torch.equal(wide_y[:, 45:], keep[:, 45:])
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gpu_llama_shape_decode_and_prefill() -> None:
+    """The Llama-3.1-8B q/v shapes in bf16: decode (32 single-token segments) and a prefill mix."""
+    gen = torch.Generator().manual_seed(17)
+    for fan_out in (4096, 1024):
+        for lengths, active in (((1,), 32), ((1, 200, 7), 6)):
+            case = make_case(gen, torch.bfloat16, 64, active, 4096, fan_out, lengths=lengths, gap=0,
+                             rank_cycle=(16, 8))
+            x, y0, a, b, ranks, scales, segments = case
+            y = y0.clone()
+            lora_grouped_triton(x, y, a, b, ranks, scales, segments)
+            check(*case, y, torch.bfloat16)
+            again = y0.clone()
+            lora_grouped_triton(x, again, a, b, ranks, scales, segments)
+            assert torch.equal(y, again), "split-K is reduced in a fixed order: runs are bit-identical"
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gpu_cuda_graph_replay_with_updated_meta() -> None:
+    gen = torch.Generator().manual_seed(19)
+    num_slots, fan_in, fan_out, tokens = 32, 256, 192, 40
+    a = torch.randn(num_slots, 16, fan_in, generator=gen).to("cuda", torch.bfloat16)
+    b = torch.randn(num_slots, fan_out, 16, generator=gen).to("cuda", torch.bfloat16)
+    ranks = {"q_proj": [(16, 8, 4)[s % 3] for s in range(num_slots)]}
+    scales = {"q_proj": [0.5] * num_slots}
+    x = torch.randn(tokens, fan_in, generator=gen).to("cuda", torch.bfloat16)
+    y = torch.empty(tokens, fan_out, device="cuda", dtype=torch.bfloat16)
+    y0 = torch.randn(tokens, fan_out, generator=gen).to("cuda", torch.bfloat16)
+    meta = LoRAMeta.build([(0, 1, 0)], ranks, scales, "cuda", capacity=32, max_len_bound=tokens)
+    y.copy_(y0)
+    lora_grouped_triton(x, y, a, b, None, None, None, meta=meta["q_proj"])  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lora_grouped_triton(x, y, a, b, None, None, None, meta=meta["q_proj"])
+    for segments in ([(0, 1, 3), (1, 2, 7), (5, 30, 8)], [(i, i + 1, i % num_slots) for i in range(tokens - 8)]):
+        meta.update(segments, ranks, scales)
+        y.copy_(y0)
+        graph.replay()
+        torch.cuda.synchronize()
+        check(x, y0, a, b, ranks["q_proj"], scales["q_proj"], segments, y, torch.bfloat16)
+
+
+def test_meta_rejects_overflow_and_packs_per_module_rows() -> None:
+    ranks = {"q_proj": [4, 8, 16], "v_proj": [0, 16, 8]}
+    scales = {"q_proj": [1.0, 2.0, 3.0], "v_proj": [0.0, 5.0, 6.0]}
+    meta = LoRAMeta.build([(0, 2, 2), (2, 3, 1)], ranks, scales, "cpu", capacity=4, max_len_bound=8)
+    assert meta.ints.tolist() == [[0, 2, 0, 0], [2, 1, 0, 0], [2, 1, 0, 0], [16, 8, 0, 0], [8, 16, 0, 0]]
+    assert meta["v_proj"].scale.tolist() == [6.0, 5.0, 0.0, 0.0]
+    assert meta["q_proj"].num_segments == 4 and meta["q_proj"].max_len == 8
+    with pytest.raises(ValueError, match="capacity"):
+        meta.update([(i, i + 1, 0) for i in range(5)], ranks, scales)
+    with pytest.raises(ValueError, match="max_len_bound"):
+        meta.update([(0, 9, 0)], ranks, scales)
+    with pytest.raises(ValueError, match="needs a meta built"):
+        LoRAMeta.build([(0, 2, 2)], ranks, scales, "cpu").update([], ranks, scales)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="import triton failed: install it (pip install --no-deps triton) to run the interpreter tests")
+@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+def test_kernels_under_triton_interpreter() -> None:
+    """Run every test_kernel_* above on the CPU through Triton's interpreter, in a fresh process."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "test_kernel_", str(Path(__file__))],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=900,
+    )
+    elapsed = time.perf_counter() - start
+    tail = result.stdout[-4000:] + result.stderr[-2000:]
+    assert result.returncode == 0, f"interpreter run failed after {elapsed:.0f} s:\n{tail}"
+    assert " passed" in tail and "skipped" not in tail, f"the interpreter run skipped tests:\n{tail}"
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="import triton failed")
+def test_op_rejects_bad_inputs_before_launching() -> None:
+    a, b = torch.randn(2, 4, 8), torch.randn(2, 6, 4)
+    x, y = torch.randn(3, 8), torch.zeros(3, 6)
+    with pytest.raises(ValueError, match="one dtype"):
+        lora_grouped_triton(x.double(), y.double(), a.double(), b.double(), [4, 4], [1.0, 1.0], [(0, 3, 1)])
+    with pytest.raises(ValueError, match="share one dtype"):
+        lora_grouped_triton(x, y.half(), a, b, [4, 4], [1.0, 1.0], [(0, 3, 1)])
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_grouped_triton(x, y, torch.randn(2, 4, 9), b, [4, 4], [1.0, 1.0], [(0, 3, 1)])
+    with pytest.raises(ValueError, match="either meta"):
+        lora_grouped_triton(x, y, a, b, None, None, [(0, 3, 1)])
