@@ -66,7 +66,7 @@ class LLMEngine:
             )
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
-        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device, self.store)
         self.requests: dict[str, Request] = {}
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self._ids = itertools.count()

@@ -15,13 +15,23 @@ from lorascope.engine.request import Request
 from lorascope.kernels.attention import AttentionMetadata
 from lorascope.model.context import StepContext
 from lorascope.model.decoder import Decoder
-from lorascope.model.lora import LoRABatch
+from lorascope.model.lora import LoRABatch, LoRASlotStore
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        model: Decoder,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        store: LoRASlotStore | None = None,
+    ):
         cfg = model.cfg
         self.model = model
+        self.store = store
+        self.use_triton = device.type == "cuda" and _triton_available()
         self.device = device
         self.block_size = block_size
         rows = num_blocks * block_size
@@ -68,7 +78,7 @@ class ModelRunner:
                 sample_rows.append(start + n - 1)
                 samplers.append(req)
         attn = AttentionMetadata.build(q_lens, kv_lens, tables, self.block_size, self.model.cfg.sliding_window, self.device)
-        ctx = StepContext(attn, self.kv_caches, LoRABatch(segments) if segments else None)
+        ctx = StepContext(attn, self.kv_caches, self._lora_batch(segments) if segments else None)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, ctx)
@@ -76,3 +86,21 @@ class ModelRunner:
             return [], None
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return samplers, self.model.compute_logits(hidden[rows]).float()
+
+    def _lora_batch(self, segments: list[tuple[int, int, int]]) -> LoRABatch:
+        """On CUDA the Triton op's metadata is built here, once per step, for every layer and module."""
+        batch = LoRABatch(segments)
+        if self.use_triton and self.store is not None:
+            from lorascope.kernels.lora_triton import LoRAMeta
+
+            store = self.store
+            batch.kernel_meta = LoRAMeta.build(
+                segments, {m: store.ranks[m] for m in store.modules}, {m: store.scales[m] for m in store.modules}, self.device
+            )
+        return batch
+
+
+def _triton_available() -> bool:
+    from lorascope.kernels.lora_triton import HAS_TRITON
+
+    return HAS_TRITON

@@ -86,7 +86,12 @@ class LoRALinear(nn.Module):
         store = self.store
         if store is not None and ctx.lora is not None and self.key in store.a:
             module = self.key[1]
-            lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module], ctx.lora.segments)
+            if ctx.lora.kernel_meta is not None:
+                from lorascope.kernels.lora_triton import lora_grouped_triton
+
+                lora_grouped_triton(x, y, store.a[self.key], store.b[self.key], None, None, None, meta=ctx.lora.kernel_meta[module])
+            else:
+                lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module], ctx.lora.segments)
         return y
 
 

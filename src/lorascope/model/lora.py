@@ -10,6 +10,7 @@ adapter cache's business (adapters/cache.py); this file only stores and clears w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ class LoRABatch:
     """Per-step LoRA metadata, built once per step and read by every LoRA layer."""
 
     segments: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, slot)
+    kernel_meta: Any = None  # on CUDA: the Triton op's per-step metadata (kernels/lora_triton.LoRAMeta)
 
     @property
     def active_slots(self) -> list[int]:
