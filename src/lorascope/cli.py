@@ -118,5 +118,42 @@ def generate(
     llm.close()
 
 
+@app.command()
+@_clean_errors
+def serve(
+    model: Annotated[str, typer.Option(help="preset name or Hugging Face directory")] = "tiny",
+    adapters: Annotated[Path | None, typer.Option(help="directory of PEFT adapters (one subdirectory each)")] = None,
+    max_loras: int = 8,
+    max_cpu_loras: int | None = None,
+    max_lora_rank: int = 16,
+    max_num_seqs: int = 64,
+    policy: Annotated[str, typer.Option(help="fair | vllm")] = "fair",
+    host: Annotated[str, typer.Option(help="address to bind (loopback unless told otherwise)")] = "127.0.0.1",
+    port: int = 8000,
+    api_key: Annotated[str | None, typer.Option(help="require 'Authorization: Bearer KEY' on every route but /health")] = None,
+    allowed_adapter_root: Annotated[Path | None, typer.Option(help="runtime-loaded adapters must lie under it")] = None,
+    enable_runtime_lora: Annotated[bool, typer.Option(help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter")] = False,
+    max_waiting: Annotated[int | None, typer.Option(help="answer 429 when more requests wait than this")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="the base model's name in the API (default: --model)")] = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    max_model_len: int | None = None,
+) -> None:
+    """Serve the embedded engine over an OpenAI-compatible HTTP API (plus /metrics)."""
+    import uvicorn
+
+    from lorascope.config import EngineConfig
+    from lorascope.engine.async_engine import AsyncLLMEngine
+    from lorascope.server import build_app
+
+    cfg = EngineConfig(model=model, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_lora_rank=max_lora_rank,
+                       max_num_seqs=max_num_seqs, policy=policy, dtype=dtype, device=device, max_model_len=max_model_len)
+    engine = AsyncLLMEngine(cfg, adapters, max_waiting=max_waiting)
+    name = served_model_name or model
+    app_ = build_app(engine, name, api_key, allowed_adapter_root, enable_runtime_lora)
+    console.print(f"serving {name} with {len(engine.adapter_names())} adapters on http://{host}:{port}")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
 def main() -> None:
     app()
