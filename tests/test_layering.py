@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "results": {"config"},
     "loadgen": {"results", "config"},
     "analysis": {"results", "config"},
+    "bench": {"adapters", "loadgen", "model", "results", "config"},
     "cli": {"*"},
     "__init__": {"engine", "config"},
 }

@@ -155,6 +155,63 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
+@app.command()
+@_clean_errors
+def bench(
+    engine: Annotated[str, typer.Option(help="embedded | vllm | url")] = "embedded",
+    model: Annotated[str, typer.Option(help="preset or Hugging Face directory")] = "tiny",
+    adapters: Annotated[int, typer.Option(help="adapters to make and serve (N)")] = 20,
+    adapters_dir: Annotated[Path | None, typer.Option(help="serve these PEFT adapters instead of making N")] = None,
+    rank: int = 16,
+    targets: str = "q_proj,v_proj",
+    traffic: Annotated[str, typer.Option(help="uniform | zipf:S | power:A | hotset:F:P | drift:LAW:PERIOD")] = "uniform",
+    concurrency: Annotated[int | None, typer.Option(help="closed loop: requests in flight")] = None,
+    rate: Annotated[float | None, typer.Option(help="open loop: requests per second")] = None,
+    arrival: Annotated[str, typer.Option(help="poisson | gamma:CV | constant (with --rate)")] = "poisson",
+    requests: int = 100,
+    warmup: int = 8,
+    warmup_all_adapters: Annotated[bool, typer.Option(help="touch every adapter once before measuring")] = True,
+    input_len: Annotated[str, typer.Option(help="L | uniform:LO:HI | normal:M:S | lognormal:M:S")] = "128",
+    output_len: str = "128",
+    max_loras: int = 8,
+    max_cpu_loras: int | None = None,
+    max_lora_rank: int = 16,
+    max_num_seqs: int = 64,
+    max_model_len: int = 2048,
+    policy: Annotated[str, typer.Option(help="embedded engine: fair | vllm")] = "fair",
+    dtype: str = "float32",
+    device: str = "cpu",
+    slo_ttft_ms: float | None = None,
+    url: Annotated[str | None, typer.Option(help="with --engine url: the server")] = None,
+    vllm_cmd: Annotated[str, typer.Option(help="how to start vLLM")] = "vllm serve",
+    seed: int = 0,
+    out: Annotated[Path, typer.Option(help="run directory to write")] = Path("runs/bench"),
+) -> None:
+    """Measure one cell: a named traffic shape against an engine; every request recorded."""
+    from lorascope.bench import BenchSpec, run_bench
+    from lorascope.loadgen.targets import CellKnobs
+
+    if concurrency is None and rate is None:
+        concurrency = 8
+    knobs = CellKnobs(max_loras, max_cpu_loras, max_lora_rank, max_num_seqs, max_model_len, policy, dtype, device)
+    spec = BenchSpec(engine=engine, model=model, adapters_dir=adapters_dir, num_adapters=adapters, rank=rank,
+                     targets=targets, traffic=traffic, concurrency=concurrency, rate=rate, arrival=arrival,
+                     requests=requests, warmup=warmup, warmup_all_adapters=warmup_all_adapters, input_len=input_len,
+                     output_len=output_len, slo_ttft_ms=slo_ttft_ms, seed=seed, url=url, vllm_cmd=vllm_cmd, knobs=knobs)
+    row = run_bench(spec, out)
+    table = Table(title=f"{engine} · {traffic} over {row['adapters']} adapters · "
+                        f"{'c=' + str(concurrency) if concurrency else f'{rate}/s {arrival}'} · max_loras {max_loras}")
+    for col in ("ok / errors", "out tok/s", "TTFT p50 / p99 ms", "TPOT p50 ms", "ITL p50 ms", "distinct predicted",
+                "client lag p99 ms"):
+        table.add_column(col)
+    table.add_row(f"{row['ok']} / {row['errors'] + row['refused'] + row['timeouts']}", f"{row['output_tok_s']:.1f}",
+                  f"{row['ttft_ms_p50']:.1f} / {row['ttft_ms_p99']:.1f}", f"{row['tpot_ms_p50']:.2f}",
+                  f"{row['itl_ms_p50']:.2f}", f"{row['predicted_distinct'] or float('nan'):.1f}",
+                  f"{row['loop_lag_p99_ms']:.1f}")
+    console.print(table)
+    console.print(f"run directory: {out} (manifest.json, requests.parquet, cells.csv, server_metrics.parquet)")
+
+
 def main() -> None:
     app()
 
