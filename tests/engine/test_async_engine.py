@@ -124,3 +124,20 @@ def test_runtime_load_and_unload(engine, mixed_adapters, tmp_path: Path) -> None
     assert len(tokens) == GREEDY.max_tokens
     assert "fresh" not in snap.device_resident and "fresh" not in snap.host_resident
     assert "broken" not in engine.adapter_names()
+
+
+def test_a_refused_duplicate_id_does_not_abort_the_live_request(engine) -> None:
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        first = engine.generate([1, 2, 3], long, None, request_id="same")
+        head = await first.__anext__()
+        with pytest.raises(ValueError, match="already in use"):
+            async for _ in engine.generate([4, 5], long, None, request_id="same"):
+                pass
+        tokens = list(head.token_ids)
+        async for delta in first:
+            tokens += delta.token_ids
+        return tokens
+
+    assert len(asyncio.run(main())) == 40

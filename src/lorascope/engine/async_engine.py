@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import uuid
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -117,19 +118,24 @@ class AsyncLLMEngine:
             waiting = len(self.engine.scheduler.waiting)
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise OverloadedError(waiting, self.max_waiting)
-            req = self.engine.add_request(prompt, params, adapter, request_id)
+            req = self.engine.add_request(prompt, params, adapter, rid)
             self._streams[req.request_id] = (loop, deltas)
             return req.request_id
 
-        rid = await self._call(add)
+        # The id is fixed before the engine thread may register it, so a caller cancelled while
+        # `add` runs still aborts it (aborting an id the engine does not know does nothing).
+        rid = request_id or f"req-{uuid.uuid4().hex}"
         finished = False
         try:
-            while True:
+            try:
+                await self._call(add)
+            except Exception:
+                finished = True  # `add` refused it: nothing was registered (and rid may be someone else's)
+                raise
+            while not finished:
                 delta = await deltas.get()
+                finished = delta.finished
                 yield delta
-                if delta.finished:
-                    finished = True
-                    return
         finally:
             if not finished:
                 self._submit(lambda: self._abort(rid))
