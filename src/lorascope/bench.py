@@ -12,9 +12,12 @@ import asyncio
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lorascope.adapters.peft import list_adapter_dirs
 from lorascope.adapters.synthetic import make_adapters
@@ -69,7 +72,7 @@ class BenchSpec:
         parse_traffic(self.traffic)  # fail before any server starts
 
 
-def run_bench(spec: BenchSpec, out: Path) -> dict[str, Any]:
+def run_bench(spec: BenchSpec, out: Path, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model_path, adapters = _prepare(spec, out)
     write_manifest(out, _jsonable(spec), {"name": spec.engine}, sys.argv)
@@ -78,7 +81,12 @@ def run_bench(spec: BenchSpec, out: Path) -> dict[str, Any]:
         names = names[: spec.num_adapters] if spec.adapters_dir is None else names
         if not names:
             raise ValueError(f"the server at {base_url} lists no adapters")
-        records, overhead, scraper = asyncio.run(_drive(spec, base_url, base, names))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      disable=not progress, transient=True) as bar:
+            task = bar.add_task(f"{spec.cell_id} rep {spec.repetition}", total=spec.requests)
+            records, overhead, scraper = asyncio.run(
+                _drive(spec, base_url, base, names, lambda _record: bar.advance(task))
+            )
     write_cell(out, spec.cell_id, spec.repetition, records)
     write_server_metrics(out, spec.cell_id, spec.repetition, scraper.rows)
     summary = summarize(records_frame(records), spec.slo_ttft_ms)
@@ -127,7 +135,9 @@ def _start(spec: BenchSpec, model_path: str, adapters: dict[str, Path], out: Pat
         yield server.base_url
 
 
-async def _drive(spec: BenchSpec, base_url: str, base: str, names: list[str]) -> tuple[list[RequestRecord], dict[str, float], Scraper]:
+async def _drive(
+    spec: BenchSpec, base_url: str, base: str, names: list[str], on_done: Callable[[RequestRecord], None]
+) -> tuple[list[RequestRecord], dict[str, float], Scraper]:
     vocab = resolve_config(spec.model).vocab_size if spec.engine != "url" else 256
     total = spec.warmup + spec.requests
     workload = build_workload(len(names), spec.traffic, total, spec.input_len, spec.output_len, spec.seed,
@@ -153,7 +163,7 @@ async def _drive(spec: BenchSpec, base_url: str, base: str, names: list[str]) ->
     scraper = Scraper(base_url, spec.cell_id, spec.repetition, spec.scrape_interval_s)
     scrape_task = asyncio.get_running_loop().create_task(scraper.run(time.monotonic()))
     try:
-        records, overhead = await run_cell(target, measured, spec.cell_id, spec.repetition, spec.concurrency)
+        records, overhead = await run_cell(target, measured, spec.cell_id, spec.repetition, spec.concurrency, on_done)
     finally:
         scrape_task.cancel()
     return warm + records, overhead, scraper

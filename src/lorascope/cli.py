@@ -202,12 +202,12 @@ def bench(
     table = Table(title=f"{engine} · {traffic} over {row['adapters']} adapters · "
                         f"{'c=' + str(concurrency) if concurrency else f'{rate}/s {arrival}'} · max_loras {max_loras}")
     for col in ("ok / errors", "out tok/s", "TTFT p50 / p99 ms", "TPOT p50 ms", "ITL p50 ms", "distinct predicted",
-                "client lag p99 ms"):
+                "adapters for 50% / 90%", "client lag p99 ms"):
         table.add_column(col)
     table.add_row(f"{row['ok']} / {row['errors'] + row['refused'] + row['timeouts']}", f"{row['output_tok_s']:.1f}",
                   f"{row['ttft_ms_p50']:.1f} / {row['ttft_ms_p99']:.1f}", f"{row['tpot_ms_p50']:.2f}",
                   f"{row['itl_ms_p50']:.2f}", f"{row['predicted_distinct'] or float('nan'):.1f}",
-                  f"{row['loop_lag_p99_ms']:.1f}")
+                  f"{row['adapters_for_50pct']} / {row['adapters_for_90pct']}", f"{row['loop_lag_p99_ms']:.1f}")
     console.print(table)
     console.print(f"run directory: {out} (manifest.json, requests.parquet, cells.csv, server_metrics.parquet)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -153,19 +154,28 @@ class LagProbe:
 
 
 async def run_cell(
-    target: Target, requests: list[ClientRequest], cell_id: str, repetition: int, concurrency: int | None = None
+    target: Target,
+    requests: list[ClientRequest],
+    cell_id: str,
+    repetition: int,
+    concurrency: int | None = None,
+    on_done: Callable[[RequestRecord], None] | None = None,
 ) -> tuple[list[RequestRecord], dict[str, float]]:
     """Closed loop (`concurrency` in flight) or open loop (each request at its intended send time).
 
-    Returns the records in request order and the client's own lag/overhead figures."""
+    `on_done` is called with each record as its request ends (a progress bar, say). Returns the
+    records in request order and the client's own lag/overhead figures."""
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         with LagProbe() as probe:
             t0 = time.monotonic()
+            def sent(req: ClientRequest) -> Awaitable[RequestRecord]:
+                return _send_and_report(session, target, req, t0, cell_id, repetition, on_done)
+
             if concurrency is not None:
-                records = await _closed_loop(session, target, requests, t0, cell_id, repetition, concurrency)
+                records = await _closed_loop(sent, requests, concurrency)
             else:
-                records = await _open_loop(session, target, requests, t0, cell_id, repetition)
+                records = await _open_loop(sent, requests, t0)
     sends = [r.actual_send_s - r.intended_send_s for r in records if r.intended_send_s is not None]
     overhead = probe.summary_ms()
     overhead["send_lag_max_ms"] = max(sends, default=0.0) * 1e3
@@ -173,7 +183,16 @@ async def run_cell(
     return sorted(records, key=lambda r: r.index), overhead
 
 
-async def _closed_loop(session, target, requests, t0, cell_id, repetition, concurrency) -> list[RequestRecord]:
+async def _send_and_report(session, target, req, t0, cell_id, repetition, on_done) -> RequestRecord:
+    record = await send(session, target, req, t0, cell_id, repetition)
+    if on_done is not None:
+        on_done(record)
+    return record
+
+
+async def _closed_loop(
+    sent: Callable[[ClientRequest], Awaitable[RequestRecord]], requests: list[ClientRequest], concurrency: int
+) -> list[RequestRecord]:
     queue: asyncio.Queue[ClientRequest] = asyncio.Queue()
     for req in requests:
         queue.put_nowait(req)
@@ -181,17 +200,19 @@ async def _closed_loop(session, target, requests, t0, cell_id, repetition, concu
 
     async def worker() -> None:
         while not queue.empty():
-            records.append(await send(session, target, queue.get_nowait(), t0, cell_id, repetition))
+            records.append(await sent(queue.get_nowait()))
 
     await asyncio.gather(*[worker() for _ in range(min(concurrency, len(requests)))])
     return records
 
 
-async def _open_loop(session, target, requests, t0, cell_id, repetition) -> list[RequestRecord]:
+async def _open_loop(
+    sent: Callable[[ClientRequest], Awaitable[RequestRecord]], requests: list[ClientRequest], t0: float
+) -> list[RequestRecord]:
     async def timed(req: ClientRequest) -> RequestRecord:
         delay = (req.intended_send_s or 0.0) - (time.monotonic() - t0)
         if delay > 0:
             await asyncio.sleep(delay)
-        return await send(session, target, req, t0, cell_id, repetition)
+        return await sent(req)
 
     return list(await asyncio.gather(*[timed(r) for r in requests]))
