@@ -23,7 +23,15 @@ from lorascope.adapters.peft import list_adapter_dirs
 from lorascope.adapters.synthetic import make_adapters
 from lorascope.loadgen.client import ClientRequest, Target, run_cell
 from lorascope.loadgen.scrape import Scraper
-from lorascope.loadgen.targets import CellKnobs, ServerProcess, adapters_of, embedded_server, vllm_server
+from lorascope.loadgen.targets import (
+    CellKnobs,
+    ServerProcess,
+    adapters_of,
+    embedded_server,
+    sglang_model_name,
+    sglang_server,
+    vllm_server,
+)
 from lorascope.loadgen.workingset import adapters_for_share, expected_distinct
 from lorascope.loadgen.workload import build_workload, parse_traffic
 from lorascope.model.weights import load_model, resolve_config, save_model
@@ -31,7 +39,7 @@ from lorascope.results.records import RequestRecord, records_frame, write_cell
 from lorascope.results.rundir import append_cell_row, finish_manifest, write_manifest, write_server_metrics
 from lorascope.results.summary import summarize
 
-ENGINES = ("embedded", "vllm", "url")
+ENGINES = ("embedded", "vllm", "sglang", "url")
 
 
 @dataclass(slots=True)
@@ -57,6 +65,7 @@ class BenchSpec:
     repetition: int = 0
     url: str | None = None
     vllm_cmd: str = "vllm serve"
+    sglang_cmd: str = "python -m sglang.launch_server"
     scrape_interval_s: float = 0.5
     knobs: CellKnobs = field(default_factory=CellKnobs)
 
@@ -77,8 +86,11 @@ def run_bench(spec: BenchSpec, out: Path, progress: bool = True) -> dict[str, An
     model_path, adapters = _prepare(spec, out)
     write_manifest(out, _jsonable(spec), {"name": spec.engine}, sys.argv)
     with _start(spec, model_path, adapters, out) as base_url:
-        base, names = adapters_of(base_url)
-        names = names[: spec.num_adapters] if spec.adapters_dir is None else names
+        if spec.engine == "sglang":  # it may not list adapters in /v1/models: use what it was given
+            base, names = "base", sorted(adapters)
+        else:
+            base, names = adapters_of(base_url)
+            names = names[: spec.num_adapters] if spec.adapters_dir is None else names
         if not names:
             raise ValueError(f"the server at {base_url} lists no adapters")
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -107,7 +119,7 @@ def _prepare(spec: BenchSpec, out: Path) -> tuple[str, dict[str, Path]]:
     if spec.engine == "url":
         return spec.model, {}
     model_path = spec.model
-    if spec.engine == "vllm" and not Path(spec.model).is_dir():  # vLLM needs a directory: write the preset
+    if spec.engine in ("vllm", "sglang") and not Path(spec.model).is_dir():  # they need a directory: write the preset
         model_path = str(out / "model")
         if not (out / "model" / "config.json").exists():
             save_model(load_model(spec.model), out / "model")
@@ -129,6 +141,8 @@ def _start(spec: BenchSpec, model_path: str, adapters: dict[str, Path], out: Pat
     if spec.engine == "embedded":
         root = spec.adapters_dir or out / "adapters"
         server = embedded_server(model_path, root, spec.knobs, log)
+    elif spec.engine == "sglang":
+        server = sglang_server(spec.sglang_cmd, model_path, adapters, spec.knobs, log)
     else:
         server = vllm_server(spec.vllm_cmd, model_path, adapters, spec.knobs, log)
     with server:
@@ -145,12 +159,13 @@ async def _drive(
     reqs = []
     for i, w in enumerate(workload):
         name = None if w.adapter < 0 else names[w.adapter]
-        send = None if w.intended_send_s is None else w.intended_send_s
-        reqs.append(ClientRequest(i, name or base, name, w.prompt_token_ids, w.output_len, send, i < spec.warmup))
+        model = sglang_model_name(base, name) if spec.engine == "sglang" else name or base
+        reqs.append(ClientRequest(i, model, name, w.prompt_token_ids, w.output_len, w.intended_send_s, i < spec.warmup))
     target = Target(base_url)
     warm: list[RequestRecord] = []
     if spec.warmup_all_adapters:
-        touch = [ClientRequest(-1 - k, n, n, reqs[0].prompt_token_ids[:8], 2, None, True) for k, n in enumerate(names)]
+        touch = [ClientRequest(-1 - k, sglang_model_name(base, n) if spec.engine == "sglang" else n, n,
+                               reqs[0].prompt_token_ids[:8], 2, None, True) for k, n in enumerate(names)]
         warm, _ = await run_cell(target, touch, spec.cell_id, spec.repetition, concurrency=spec.concurrency or 8)
     if spec.warmup:
         more, _ = await run_cell(target, reqs[: spec.warmup], spec.cell_id, spec.repetition, concurrency=spec.concurrency or 8)

@@ -158,7 +158,7 @@ def serve(
 @app.command()
 @_clean_errors
 def bench(
-    engine: Annotated[str, typer.Option(help="embedded | vllm | url")] = "embedded",
+    engine: Annotated[str, typer.Option(help="embedded | vllm | sglang | url")] = "embedded",
     model: Annotated[str, typer.Option(help="preset or Hugging Face directory")] = "tiny",
     adapters: Annotated[int, typer.Option(help="adapters to make and serve (N)")] = 20,
     adapters_dir: Annotated[Path | None, typer.Option(help="serve these PEFT adapters instead of making N")] = None,
@@ -184,6 +184,7 @@ def bench(
     slo_ttft_ms: float | None = None,
     url: Annotated[str | None, typer.Option(help="with --engine url: the server")] = None,
     vllm_cmd: Annotated[str, typer.Option(help="how to start vLLM")] = "vllm serve",
+    sglang_cmd: Annotated[str, typer.Option(help="how to start SGLang")] = "python -m sglang.launch_server",
     seed: int = 0,
     out: Annotated[Path, typer.Option(help="run directory to write")] = Path("runs/bench"),
 ) -> None:
@@ -197,7 +198,8 @@ def bench(
     spec = BenchSpec(engine=engine, model=model, adapters_dir=adapters_dir, num_adapters=adapters, rank=rank,
                      targets=targets, traffic=traffic, concurrency=concurrency, rate=rate, arrival=arrival,
                      requests=requests, warmup=warmup, warmup_all_adapters=warmup_all_adapters, input_len=input_len,
-                     output_len=output_len, slo_ttft_ms=slo_ttft_ms, seed=seed, url=url, vllm_cmd=vllm_cmd, knobs=knobs)
+                     output_len=output_len, slo_ttft_ms=slo_ttft_ms, seed=seed, url=url, vllm_cmd=vllm_cmd,
+                     sglang_cmd=sglang_cmd, knobs=knobs)
     row = run_bench(spec, out)
     table = Table(title=f"{engine} · {traffic} over {row['adapters']} adapters · "
                         f"{'c=' + str(concurrency) if concurrency else f'{rate}/s {arrival}'} · max_loras {max_loras}")

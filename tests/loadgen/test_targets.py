@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import urllib.request
 from pathlib import Path
 
@@ -45,3 +46,21 @@ def test_a_server_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
                         tmp_path / "bad.log", startup_timeout_s=20)
     with pytest.raises(TargetError, match="no such model"):
         bad.__enter__()
+
+
+def test_sglang_command_line_uses_its_lora_flags(tmp_path: Path) -> None:
+    """SGLang cannot be installed here (no CPU build); its launch line is checked against its
+    documented LoRA flags, and adapters are addressed as BASE:ADAPTER."""
+    from lorascope.loadgen.targets import sglang_model_name, sglang_server
+
+    adapters = {"b": tmp_path / "b", "a": tmp_path / "a"}
+    knobs = CellKnobs(max_loras=4, max_cpu_loras=16, max_lora_rank=8, max_num_seqs=32, max_model_len=512)
+    cmd = sglang_server("python -m sglang.launch_server", "/m", adapters, knobs, tmp_path / "log").cmd
+    flags = dict(itertools.pairwise(cmd))
+    assert cmd[:3] == ["python", "-m", "sglang.launch_server"] and flags["--model-path"] == "/m"
+    assert flags["--max-loras-per-batch"] == "4" and flags["--max-loaded-loras"] == "16"
+    assert flags["--max-lora-rank"] == "8" and flags["--max-running-requests"] == "32"
+    assert "--enable-lora" in cmd and flags["--host"] == "127.0.0.1"
+    paths = cmd[cmd.index("--lora-paths") + 1 :]
+    assert paths == [f"a={tmp_path / 'a'}", f"b={tmp_path / 'b'}"]
+    assert sglang_model_name("base", "a") == "base:a" and sglang_model_name("base", None) == "base"

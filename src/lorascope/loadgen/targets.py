@@ -135,3 +135,25 @@ def vllm_server(vllm_cmd: str, model: str, adapters: dict[str, Path], knobs: Cel
         env |= {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     return ServerProcess(cmd, port, log_path, env)
+
+
+def sglang_server(sglang_cmd: str, model: str, adapters: dict[str, Path], knobs: CellKnobs, log_path: Path,
+                  served_name: str = "base") -> ServerProcess:
+    """SGLang with its LoRA flags (docs.sglang.io "LoRA Serving"): `--max-loras-per-batch` is its
+    max_loras (it counts the base model as one), `--max-loaded-loras` the host tier. Requests
+    name an adapter as "BASE:ADAPTER" (`sglang_model_name`). Not exercised here: SGLang has no
+    CPU build installable on this project's machines."""
+    port = free_port()
+    cmd = [*shlex.split(sglang_cmd), "--model-path", model, "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", served_name, "--dtype", knobs.dtype, "--context-length", str(knobs.max_model_len),
+           "--max-running-requests", str(knobs.max_num_seqs), "--enable-metrics", *knobs.extra_args]
+    if adapters:
+        cmd += ["--enable-lora", "--max-loras-per-batch", str(knobs.max_loras), "--max-lora-rank", str(knobs.max_lora_rank),
+                "--max-loaded-loras", str(knobs.max_cpu_loras or knobs.max_loras),
+                "--lora-paths", *[f"{name}={path}" for name, path in sorted(adapters.items())]]
+    return ServerProcess(cmd, port, log_path, {"HF_HUB_OFFLINE": "1"})
+
+
+def sglang_model_name(base: str, adapter: str | None) -> str:
+    """SGLang's OpenAI API selects an adapter with the model name "BASE:ADAPTER"."""
+    return base if adapter is None else f"{base}:{adapter}"
