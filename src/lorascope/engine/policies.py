@@ -110,11 +110,21 @@ class FairPolicy:
                     wanted.add(req.adapter)
 
     def _prefetch(self, s: Scheduler) -> None:
-        if s.cache is None:
+        """Read the next queued adapters into the host tier, no more of them than the tier has room
+        for beside the device-resident ones: more would evict each other before use (thrash)."""
+        cache = s.cache
+        if cache is None:
             return
+        room = cache.max_cpu_loras - len(cache.resident)
+        chosen: set[str] = set()
         for req in s.waiting[: self.lookahead]:
-            if req.adapter is not None and not s.cache.is_ready(req.adapter) and not s.cache.is_loading(req.adapter):
-                s.cache.prefetch_host(req.adapter)
+            name = req.adapter
+            if name is None or name in chosen or cache.is_ready(name) or cache.is_loading(name):
+                continue
+            if len(chosen) >= room:
+                break
+            chosen.add(name)
+            cache.prefetch_host(name)
 
 
 def make_admission_policy(cfg: EngineConfig) -> AdmissionPolicy:
