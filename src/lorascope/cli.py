@@ -108,10 +108,11 @@ def generate(
                         [names[i % len(names)] for i in range(num_prompts)])
     elapsed = time.perf_counter() - start
     table = Table(title=f"{model}: {num_prompts} requests over {len(names) - 1} adapters + base")
-    for col in ("adapter", "prompt", "completion"):
+    for col in ("adapter", "prompt", "first generated token ids", "text (random weights: bytes, not words)"):
         table.add_column(col, overflow="fold")
     for o in outs[:12]:
-        table.add_row(o.adapter or "(base)", llm.engine.tokenizer.decode(o.prompt_ids) if llm.engine.tokenizer else "", repr(o.text))
+        prompt_text = llm.engine.tokenizer.decode(o.prompt_ids) if llm.engine.tokenizer else ""
+        table.add_row(o.adapter or "(base)", prompt_text, " ".join(map(str, o.token_ids[:8])), repr(o.text)[:40])
     console.print(table)
     tokens = sum(len(o.token_ids) for o in outs)
     console.print(f"{tokens} tokens in {elapsed:.2f} s = {tokens / elapsed:.0f} tok/s; adapter tiers: {llm.engine.cache.stats()}")
