@@ -142,3 +142,25 @@ def test_prefetch_does_not_thrash_a_small_host_tier(model_dir, tmp_path) -> None
     host = llm.engine.cache.host_counters
     llm.close()
     assert host.loads <= 3 * 16, f"{host.loads} disk reads for 16 adapters: the host tier thrashes"
+
+
+def test_an_adapter_that_fails_to_load_fails_its_requests_only(adapters, model_dir, tmp_path) -> None:
+    """A registered adapter whose files went bad: its requests finish with an error naming it,
+    the others complete, and nothing is held afterwards."""
+    import shutil
+
+    from lorascope import LLM
+
+    names = sorted(adapters)
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters[names[0]], broken)
+    (broken / "adapter_model.safetensors").unlink()
+    llm = LLM(str(model_dir("tiny")), {"broken": broken, names[1]: adapters[names[1]]}, max_loras=2, max_lora_rank=8,
+              max_model_len=128, num_kv_blocks=64)
+    outs = llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True),
+                        ["broken", names[1], "broken", None])
+    engine = llm.engine
+    llm.close()
+    assert [o.finish_reason for o in outs] == ["error", "length", "error", "length"]
+    assert "broken" in outs[0].error and "could not be loaded" in outs[0].error
+    assert not engine.requests and not engine.cache.refs and engine.blocks.num_free == engine.blocks.num_blocks

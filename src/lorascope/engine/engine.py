@@ -166,7 +166,7 @@ class LLMEngine:
         """Run one step. Returns the requests that produced a token or finished in it."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        done = [r for r in self.requests.values() if r.finished]  # failed in scheduling
+        done = out.failed
         if not out.scheduled:
             if self.scheduler.waiting and not done:
                 self.cache.wait_for_loads(0.05)  # nothing runnable: the queue waits on loads

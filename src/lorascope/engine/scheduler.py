@@ -22,6 +22,7 @@ class SchedulerOutput:
     step: int
     scheduled: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
     preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
     skipped: int = 0  # admissions passed over by the max_loras rule this step
 
     @property
@@ -71,7 +72,7 @@ class Scheduler:
         out = SchedulerOutput(self.step)
         if self.cache is not None:
             self.cache.poll()
-            self._fail_unloadable()
+            out.failed = self._fail_unloadable()
         budget = self.cfg.max_num_batched_tokens
         for req in list(self.running):
             if req.status is not Status.RUNNING or budget == 0:
@@ -113,11 +114,15 @@ class Scheduler:
         if req.adapter is not None and self.cache is not None:
             self.cache.release(req.adapter)
 
-    def _fail_unloadable(self) -> None:
+    def _fail_unloadable(self) -> list[Request]:
         assert self.cache is not None
-        for req in [r for r in self.waiting if r.adapter in self.cache.failed]:
+        if not self.cache.failed:
+            return []
+        failed = [r for r in self.waiting if r.adapter in self.cache.failed]
+        for req in failed:
             req.error = f"adapter {req.adapter!r} could not be loaded: {self.cache.failed[req.adapter]}"
             self.finish(req, "error")
+        return failed
 
     # --- helpers for policies ------------------------------------------------------------
 

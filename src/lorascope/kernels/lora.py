@@ -28,7 +28,7 @@ def lora_reference(
     token_slots: Sequence[int],
 ) -> torch.Tensor:
     """for t, s in enumerate(token_slots): if s >= 0 and ranks[s]: y[t] += scales[s] * B[s,:,:r] @ (A[s,:r] @ x[t])"""
-    _check(x, y, a, b)
+    check_shapes(x, y, a, b)
     for t, s in enumerate(token_slots):
         r = ranks[s] if s >= 0 else 0
         if r:
@@ -98,7 +98,8 @@ def segments_to_token_slots(segments: Sequence[tuple[int, int, int]], num_tokens
     return slots
 
 
-def _check(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+def check_shapes(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """x [T, in], y [T, out], A [S, r_max, in], B [S, out, r_max]: one check for every implementation."""
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, in] and [T, out]")
     if a.shape[2] != x.shape[1] or b.shape[1] != y.shape[1] or a.shape[:2] != (b.shape[0], b.shape[2]):

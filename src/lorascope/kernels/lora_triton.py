@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lorascope.kernels.lora import check_shapes
+
 try:
     import triton
     import triton.language as tl
@@ -236,10 +238,7 @@ def lora_grouped_triton(
 
 
 def _check_shapes(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, in] and [T, out]")
-    if a.shape[2] != x.shape[1] or b.shape[1] != y.shape[1] or a.shape[:2] != (b.shape[0], b.shape[2]):
-        raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit x {tuple(x.shape)}, y {tuple(y.shape)}")
+    check_shapes(x, y, a, b)
     if len({x.dtype, y.dtype, a.dtype, b.dtype}) != 1 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"x, y, A, B must share one dtype of float32/bfloat16/float16, got "
                          f"{x.dtype}, {y.dtype}, {a.dtype}, {b.dtype}")
