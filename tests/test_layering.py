@@ -26,8 +26,10 @@ ALLOWED: dict[str, set[str]] = {
     "server": {"engine", "adapters", "model", "kernels", "config"},
     "results": {"config"},
     "loadgen": {"results", "config"},
-    "analysis": {"results", "config"},
+    "analysis": {"results", "loadgen", "config"},  # loadgen: the working-set model and the traffic laws
     "bench": {"adapters", "loadgen", "model", "results", "config"},
+    "experiment": {"loadgen", "results", "config"},
+    "sweep": {"bench", "experiment", "adapters", "loadgen", "model", "results", "analysis", "config"},
     "cli": {"*"},
     "__init__": {"engine", "config"},
 }

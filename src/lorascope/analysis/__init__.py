@@ -1,0 +1,1 @@
+"""Analysis: reads a run directory (files only) and draws, reports and recommends."""
