@@ -171,7 +171,7 @@ def bench(
     arrival: Annotated[str, typer.Option(help="poisson | gamma:CV | constant (with --rate)")] = "poisson",
     requests: int = 100,
     warmup: int = 8,
-    warmup_all_adapters: Annotated[bool, typer.Option(help="touch every adapter once before measuring")] = True,
+    warmup_mode: Annotated[str, typer.Option(help="all (touch every adapter first) | workload | auto (all when they fit the host tier)")] = "all",
     input_len: Annotated[str, typer.Option(help="L | uniform:LO:HI | normal:M:S | lognormal:M:S")] = "128",
     output_len: str = "128",
     max_loras: int = 8,
@@ -183,6 +183,7 @@ def bench(
     dtype: str = "float32",
     device: str = "cpu",
     slo_ttft_ms: float | None = None,
+    slo_tpot_ms: float | None = None,
     url: Annotated[str | None, typer.Option(help="with --engine url: the server")] = None,
     vllm_cmd: Annotated[str, typer.Option(help="how to start vLLM")] = "vllm serve",
     sglang_cmd: Annotated[str, typer.Option(help="how to start SGLang")] = "python -m sglang.launch_server",
@@ -198,8 +199,8 @@ def bench(
     knobs = CellKnobs(max_loras, max_cpu_loras, max_lora_rank, max_num_seqs, max_model_len, policy, dtype, device)
     spec = BenchSpec(engine=engine, model=model, adapters_dir=adapters_dir, num_adapters=adapters, rank=rank,
                      targets=targets, traffic=traffic, concurrency=concurrency, rate=rate, arrival=arrival,
-                     requests=requests, warmup=warmup, warmup_all_adapters=warmup_all_adapters, input_len=input_len,
-                     output_len=output_len, slo_ttft_ms=slo_ttft_ms, seed=seed, url=url, vllm_cmd=vllm_cmd,
+                     requests=requests, warmup=warmup, warmup_mode=warmup_mode, input_len=input_len,
+                     output_len=output_len, slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, seed=seed, url=url, vllm_cmd=vllm_cmd,
                      sglang_cmd=sglang_cmd, knobs=knobs)
     row = run_bench(spec, out)
     table = Table(title=f"{engine} · {traffic} over {row['adapters']} adapters · "
@@ -213,6 +214,102 @@ def bench(
                   f"{row['adapters_for_50pct']} / {row['adapters_for_90pct']}", f"{row['loop_lag_p99_ms']:.1f}")
     console.print(table)
     console.print(f"run directory: {out} (manifest.json, requests.parquet, cells.csv, server_metrics.parquet)")
+
+
+@app.command()
+@_clean_errors
+def run(
+    preset: Annotated[str | None, typer.Option(help="quick | seed | fair-vs-vllm (default: quick without a GPU, seed with one)")] = None,
+    spec: Annotated[Path | None, typer.Option(help="an experiment spec (TOML) instead of a preset")] = None,
+    engine: Annotated[str | None, typer.Option(help="embedded | vllm | sglang | url: replaces the spec's engine")] = None,
+    model: Annotated[str | None, typer.Option(help="preset name or Hugging Face directory (default: the spec's)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda (default: the spec's; auto = cuda when present)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory to create (default runs/PRESET-TIME)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="finish the run in this directory (its spec; finished cells kept)")] = None,
+    vllm_cmd: Annotated[str | None, typer.Option(help="how to start vLLM (e.g. '.venv-vllm/bin/vllm serve')")] = None,
+    url: Annotated[str | None, typer.Option(help="with --engine url: the server")] = None,
+    show_spec: Annotated[bool, typer.Option(help="print the spec (TOML) and its cells, run nothing")] = False,
+    report: Annotated[bool, typer.Option(help="draw figures and report.html at the end")] = True,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """The main job: every cell of a spec (fresh server each), recorded per request; then the report."""
+    import sys
+
+    from lorascope.experiment import ExperimentSpec, SpecError, load_preset, preset_path
+    from lorascope.sweep import resume_spec, run_experiment, start_run
+
+    if resume is not None:
+        given = {"--preset": preset, "--spec": spec, "--engine": engine, "--model": model, "--device": device,
+                 "--out": out, "--vllm-cmd": vllm_cmd, "--url": url}
+        clash = [k for k, v in given.items() if v is not None]
+        if clash:
+            raise SpecError(f"--resume continues the run with its recorded spec; drop {', '.join(clash)}")
+        plan = resume_spec(resume)
+        run_dir = resume
+    else:
+        if preset is not None and spec is not None:
+            raise SpecError("give --preset or --spec, not both")
+        if spec is None and preset is None:
+            import torch
+
+            preset = "seed" if torch.cuda.is_available() else "quick"
+        plan = ExperimentSpec.from_toml(spec) if spec is not None else load_preset(preset or "quick")
+        plan = plan.with_overrides(engine=engine, model=model, device=device, vllm_cmd=vllm_cmd, url=url)
+        if show_spec:
+            if spec is None:
+                console.print(preset_path(preset or "quick").read_text(), markup=False, highlight=False)
+            runs = plan.runs()
+            console.print(f"{len(plan.cells())} cells, {len(runs)} cell runs:")
+            for cell in plan.cells():
+                console.print(f"  {cell.cell_id}  x{cell.repetitions}", markup=False, highlight=False)
+            return
+        run_dir = out or Path("runs") / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        start_run(plan, run_dir, sys.argv)
+        console.print(f"run directory: {run_dir} ({len(plan.runs())} cell runs; resume with `lorascope run --resume {run_dir}`)")
+    result = run_experiment(run_dir, progress=progress, report=report, console=console)
+    _print_run(run_dir)
+    console.print(f"measured {result.ran} cell runs ({result.skipped} were already finished) in {run_dir}")
+    if result.report:
+        console.print(f"report: {result.report}")
+    if result.failed:
+        console.print(f"[red]{len(result.failed)} cell runs failed[/red] (see {run_dir / 'failures'}; "
+                      f"`lorascope run --resume {run_dir}` retries them):")
+        for line in result.failed:
+            console.print(f"  {line}", markup=False)
+        raise typer.Exit(1)
+
+
+def _print_run(run_dir: Path) -> None:
+    import pandas as pd
+
+    path = run_dir / "cells.csv"
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    cells = pd.read_csv(path)
+    if cells.empty:
+        return
+    table = Table(title=f"{run_dir}: {len(cells)} cell runs")
+    for col in ("sweep", "N", "load", "traffic", "max_loras", "policy", "rep", "tok/s", "TTFT p50/p99 ms",
+                "adapters/step pred/meas", "errors"):
+        table.add_column(col)
+    for r in cells.itertuples():
+        load = f"c={r.concurrency:.0f}" if pd.notna(r.concurrency) else f"{r.rate:g}/s"
+        table.add_row(str(r.sweep), str(r.adapters), load, str(r.traffic), str(r.max_loras), str(r.policy),
+                      str(r.repetition), f"{r.output_tok_s:.0f}", f"{r.ttft_ms_p50:.0f} / {r.ttft_ms_p99:.0f}",
+                      f"{r.predicted_distinct:.1f} / {r.active_adapters_mean:.1f}", str(r.errors + r.refused + r.timeouts))
+    console.print(table)
+
+
+@app.command()
+@_clean_errors
+def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (from run or bench)")]) -> None:
+    """Rebuild the figures and report.html of a run directory from its records (nothing is re-run)."""
+    from lorascope.analysis.report import build_report
+
+    if not (run_dir / "cells.csv").exists():
+        raise FileNotFoundError(f"{run_dir} has no cells.csv: not a run directory, or no cell has finished yet")
+    path = build_report(run_dir)
+    console.print(f"report: {path} (figures in {run_dir / 'figures'})")
 
 
 def main() -> None:

@@ -65,6 +65,7 @@ class Snapshot:
     cache: dict[str, Any]
     max_loras: int
     adapter_refs: int
+    memory_bytes: dict[str, int]  # weights, kv_cache, adapter_slots (allocated), host_tier (held now)
 
 
 class AsyncLLMEngine:
@@ -247,6 +248,7 @@ class AsyncLLMEngine:
             cache=eng.cache.stats(),
             max_loras=self.cfg.max_loras,
             adapter_refs=sum(eng.cache.refs.values()),
+            memory_bytes=eng.memory_bytes(),
         )
 
     # --- commands -------------------------------------------------------------------------------

@@ -159,6 +159,15 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Where the memory goes: base weights, the KV-cache pool, the device adapter slots
+        (allocated up front for max_loras x max_lora_rank) and the adapters the host tier holds now."""
+        model = self.runner.model
+        weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        host = sum(a.size_bytes for a in list(self.cache.host.values()))
+        return {"weights": weights, "kv_cache": self.runner.kv_cache_bytes, "adapter_slots": self.store.size_bytes,
+                "host_tier": host}
+
     # --- one step ---------------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+import pandas as pd
 from prometheus_client.parser import text_string_to_metric_families
 
 LORA_INFO = "vllm:lora_requests_info"
@@ -70,3 +71,65 @@ def latest_lora_info(rows: list[dict[str, object]]) -> dict[str, list[str]] | No
     return {"running": split(labels.get("running_lora_adapters", "")),
             "waiting": split(labels.get("waiting_lora_adapters", "")),
             "max_lora": [labels.get("max_lora", "")]}
+
+
+STEP_ADAPTERS = "lorascope:step_adapters"
+
+
+def _lora_info_running(frame: pd.DataFrame) -> pd.DataFrame:
+    """vLLM's gauge: per scrape, the running adapters of its newest series (t_s, running count)."""
+    info = frame[frame["metric"] == LORA_INFO]
+    if info.empty:
+        return pd.DataFrame(columns=["t_s", "active"])
+    newest = info.loc[info.groupby("t_s")["value"].idxmax()]
+    running = newest["labels"].map(lambda s: len([a for a in json.loads(s).get("running_lora_adapters", "").split(",") if a]))
+    return pd.DataFrame({"t_s": newest["t_s"].to_numpy(), "active": running.to_numpy()})
+
+
+def active_series(frame: pd.DataFrame) -> pd.DataFrame:
+    """Active (distinct) adapters per step over time, from one cell's scraped samples: (t_s, active).
+
+    The embedded engine: the mean of its `lorascope:step_adapters` histogram between two scrapes
+    (exact, every step counted). Other engines: the running adapters that vLLM's LoRA gauge lists at
+    each scrape (a sample, not every step).
+    """
+    count = frame[frame["metric"] == f"{STEP_ADAPTERS}_count"].sort_values("t_s")
+    total = frame[frame["metric"] == f"{STEP_ADAPTERS}_sum"].sort_values("t_s")
+    if len(count) >= 2 and len(count) == len(total):
+        dc, ds = count["value"].diff().to_numpy()[1:], total["value"].diff().to_numpy()[1:]
+        keep = dc > 0
+        return pd.DataFrame({"t_s": count["t_s"].to_numpy()[1:][keep], "active": ds[keep] / dc[keep]})
+    return _lora_info_running(frame)
+
+
+def active_summary(frame: pd.DataFrame) -> dict[str, float | str]:
+    """Mean and p90 of the distinct adapters per step over one cell, and where they come from."""
+    buckets = frame[frame["metric"] == f"{STEP_ADAPTERS}_bucket"]
+    if not buckets.empty and buckets["t_s"].nunique() >= 2:
+        first, last = buckets["t_s"].min(), buckets["t_s"].max()
+        le = buckets["labels"].map(lambda s: float(json.loads(s)["le"]))
+        at = lambda t: buckets[buckets["t_s"] == t].assign(le=le).set_index("le")["value"].sort_index()  # noqa: E731
+        delta = at(last) - at(first)
+        steps = float(delta.iloc[-1])
+        if steps > 0:
+            count = frame[frame["metric"] == f"{STEP_ADAPTERS}_sum"]
+            total = float(count[count["t_s"] == last]["value"].sum() - count[count["t_s"] == first]["value"].sum())
+            p90 = float(delta.index[(delta >= 0.9 * steps).to_numpy().argmax()])
+            return {"active_adapters_mean": total / steps, "active_adapters_p90": p90, "active_adapters_source": "every step"}
+    running = _lora_info_running(frame)
+    running = running[running["active"] > 0]
+    if running.empty:
+        return {"active_adapters_mean": float("nan"), "active_adapters_p90": float("nan"), "active_adapters_source": "none"}
+    return {"active_adapters_mean": float(running["active"].mean()),
+            "active_adapters_p90": float(running["active"].quantile(0.9, interpolation="higher")),
+            "active_adapters_source": "scrapes of vllm:lora_requests_info"}
+
+
+def memory_summary(frame: pd.DataFrame) -> dict[str, float]:
+    """The embedded engine's `lorascope:memory_bytes` by component (host tier: its peak), or {}."""
+    mem = frame[frame["metric"] == "lorascope:memory_bytes"]
+    if mem.empty:
+        return {}
+    comp = mem["labels"].map(lambda s: json.loads(s)["component"])
+    peak = mem.groupby(comp)["value"].max()
+    return {f"mem_{k}_bytes": float(v) for k, v in peak.items()}

@@ -62,6 +62,17 @@ def adapters_of(base_url: str, api_key: str | None = None) -> tuple[str, list[st
     return base, sorted(str(m["id"]) for m in models if m.get("parent"))
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): SIGKILL it when the process that started it dies, so a
+    runner killed with kill -9 leaves no server behind. Elsewhere a no-op."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+
 class ServerProcess:
     """A server started by a command line; `with` starts it and waits for /health."""
 
@@ -77,7 +88,7 @@ class ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             try:

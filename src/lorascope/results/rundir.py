@@ -22,7 +22,7 @@ def write_manifest(run_dir: Path, spec: dict[str, Any], engine: dict[str, Any], 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "manifest.json"
     manifest = {
-        "lorascope_version": _version(),
+        "lorascope_version": lorascope_version(),
         "spec": spec,
         "engine": engine,
         "command": command,
@@ -33,7 +33,7 @@ def write_manifest(run_dir: Path, spec: dict[str, Any], engine: dict[str, Any], 
         "finished": None,
     }
     manifest["host"] |= _gpu()
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    _write_json(path, manifest)
     return path
 
 
@@ -42,26 +42,59 @@ def finish_manifest(run_dir: Path, **extra: Any) -> None:
     manifest = json.loads(path.read_text())
     manifest["finished"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     manifest |= extra
-    path.write_text(json.dumps(manifest, indent=2, default=str))
+    _write_json(path, manifest)
 
 
-def append_cell_row(run_dir: Path, row: dict[str, Any]) -> None:
-    """cells.csv: one header row, then one row per cell x repetition (columns fixed by the first row)."""
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically (tmp + rename): a run killed mid-write keeps the previous manifest whole."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def summary_file(run_dir: Path, cell_id: str, repetition: int) -> Path:
+    return run_dir / "summaries" / f"{cell_id}-rep{repetition}.json"
+
+
+def write_summary(run_dir: Path, cell_id: str, repetition: int, row: dict[str, Any]) -> Path:
+    """One cell x repetition's summary row, written atomically before its records (which mark it finished)."""
+    path = summary_file(run_dir, cell_id, repetition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(row, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_summaries(run_dir: Path) -> list[dict[str, Any]]:
+    """The summary rows of every *finished* cell x repetition (its records are on disk), oldest first.
+    A summary whose records never landed (killed in between) belongs to an unfinished cell: skipped."""
+    from lorascope.results.records import finished_cells
+
+    done = finished_cells(run_dir)
+    rows = []
+    for path in sorted((run_dir / "summaries").glob("*-rep*.json")):
+        cell, _, rep = path.stem.rpartition("-rep")
+        if (cell, int(rep)) in done:
+            rows.append(json.loads(path.read_text()))
+    return sorted(rows, key=lambda r: (r.get("finished_at") or 0, r["cell_id"], r["repetition"]))
+
+
+def write_cells_csv(run_dir: Path) -> Path:
+    """cells.csv: one header row, then one row per finished cell x repetition. Rebuilt from the
+    per-cell summaries (atomically), so it can never hold a half-written row or a lost cell."""
+    rows = read_summaries(run_dir)
+    header: list[str] = []
+    for row in rows:
+        header += [k for k in row if k not in header]
     path = run_dir / "cells.csv"
-    new = not path.exists()
-    if not new:
-        with path.open() as f:
-            header = next(csv.reader(f))
-        unknown = set(row) - set(header)
-        if unknown:
-            raise ValueError(f"cells.csv has no columns {sorted(unknown)}; start a new run directory")
-    else:
-        header = list(row)
-    with path.open("a", newline="") as f:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+    return path
 
 
 def write_server_metrics(run_dir: Path, cell_id: str, repetition: int, rows: list[dict[str, Any]]) -> Path | None:
@@ -76,7 +109,7 @@ def write_server_metrics(run_dir: Path, cell_id: str, repetition: int, rows: lis
     return path
 
 
-def _version() -> str:
+def lorascope_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:

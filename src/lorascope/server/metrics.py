@@ -26,7 +26,7 @@ MAX_ADAPTER_LABELS = 64  # above this many adapters, per-adapter series would ma
 OTHER = "other"
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 MetricT = TypeVar("MetricT", Counter, Histogram)
-ADAPTER_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
+ADAPTER_BUCKETS = (*range(0, 65), 96, 128, 192, 256, 384, 512, 1024)  # exact counts up to 64: p90 needs them
 
 
 class SnapshotCollector(Collector):
@@ -55,6 +55,11 @@ class SnapshotCollector(Collector):
         yield _gauge("lorascope:kv_blocks_total", "KV-cache blocks in the pool", s.kv_blocks_total)
         yield _gauge("lorascope:adapter_refs", "Adapter references held by in-flight requests", s.adapter_refs)
         yield _gauge("lorascope:max_loras", "Device adapter slots (max_loras)", s.max_loras)
+        memory = GaugeMetricFamily("lorascope:memory_bytes", "Bytes held, by component (adapter_slots: allocated "
+                                   "for max_loras x max_lora_rank; host_tier: adapters held now)", labels=["component"])
+        for component, value in s.memory_bytes.items():
+            memory.add_metric([component], float(value))
+        yield memory
         yield from _tier_counters(s)
 
 
