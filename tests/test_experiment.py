@@ -81,10 +81,17 @@ def test_presets_load_and_seed_is_the_studys_63_cells() -> None:
     assert {c.policy for c in fair.cells()} == {"fair", "vllm"}
 
 
-def test_engine_override_replaces_every_sweep_and_refuses_policy_presets() -> None:
+def test_engine_override_replaces_every_sweep_and_drops_the_policy_axis() -> None:
     quick = load_preset("quick")
+    on_vllm = quick.with_overrides(engine="vllm")  # its fair-only "policy" sweep goes; the rest run on vLLM
+    assert {c.sweep for c in on_vllm.cells()} == {c.sweep for c in quick.cells()} - {"policy"}
+    assert {(c.engine, c.policy) for c in on_vllm.cells()} == {("vllm", "vllm")}
+    fair = load_preset("fair-vs-vllm").with_overrides(engine="vllm")  # both policies collapse to vLLM's own
+    assert len(fair.cells()) == len(load_preset("fair-vs-vllm").cells()) // 2
+    only_fair = ExperimentSpec.from_dict({"name": "f", "sweep": [{"name": "a", "adapters": 1, "concurrency": 1,
+                                                                  "traffic": "uniform", "max_loras": 1, "policy": "fair"}]})
     with pytest.raises(SpecError, match="--engine embedded"):
-        quick.with_overrides(engine="vllm")  # its "policy" sweep compares the embedded engine's policies
+        only_fair.with_overrides(engine="vllm")
     spec = load_preset("seed").with_overrides(engine="vllm", model="/models/x")
     assert {c.engine for c in spec.cells()} == {"vllm"} and {c.policy for c in spec.cells()} == {"vllm"}
     assert spec.model == "/models/x"
@@ -123,3 +130,14 @@ def test_missing_file_and_unknown_preset(tmp_path: Path) -> None:
         ExperimentSpec.from_toml(tmp_path / "nope.toml")
     with pytest.raises(SpecError, match="choose one of quick, seed, fair-vs-vllm"):
         load_preset("fast")
+
+
+def test_set_overrides_run_wide_keys_only() -> None:
+    quick = load_preset("quick")
+    small = quick.with_overrides(sets=["requests=16", "output_len=8", "slo_ttft_ms=250.5", "vllm_cmd=my vllm serve"])
+    assert (small.requests, small.output_len, small.slo_ttft_ms, small.vllm_cmd) == (16, "8", 250.5, "my vllm serve")
+    assert [c.cell_id for c in small.cells()] == [c.cell_id for c in quick.cells()]
+    with pytest.raises(SpecError, match="KEY one of"):
+        quick.with_overrides(sets=["adapters=5"])
+    with pytest.raises(SpecError, match="requests must be a positive integer"):
+        quick.with_overrides(sets=["requests=0"])

@@ -228,6 +228,7 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="finish the run in this directory (its spec; finished cells kept)")] = None,
     vllm_cmd: Annotated[str | None, typer.Option(help="how to start vLLM (e.g. '.venv-vllm/bin/vllm serve')")] = None,
     url: Annotated[str | None, typer.Option(help="with --engine url: the server")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a run-wide spec key: KEY=VALUE (repeatable), e.g. requests=64")] = None,
     show_spec: Annotated[bool, typer.Option(help="print the spec (TOML) and its cells, run nothing")] = False,
     report: Annotated[bool, typer.Option(help="draw figures and report.html at the end")] = True,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
@@ -240,7 +241,7 @@ def run(
 
     if resume is not None:
         given = {"--preset": preset, "--spec": spec, "--engine": engine, "--model": model, "--device": device,
-                 "--out": out, "--vllm-cmd": vllm_cmd, "--url": url}
+                 "--out": out, "--vllm-cmd": vllm_cmd, "--url": url, "--set": set_}
         clash = [k for k, v in given.items() if v is not None]
         if clash:
             raise SpecError(f"--resume continues the run with its recorded spec; drop {', '.join(clash)}")
@@ -254,7 +255,7 @@ def run(
 
             preset = "seed" if torch.cuda.is_available() else "quick"
         plan = ExperimentSpec.from_toml(spec) if spec is not None else load_preset(preset or "quick")
-        plan = plan.with_overrides(engine=engine, model=model, device=device, vllm_cmd=vllm_cmd, url=url)
+        plan = plan.with_overrides(engine=engine, model=model, device=device, vllm_cmd=vllm_cmd, url=url, sets=set_)
         if show_spec:
             if spec is None:
                 console.print(preset_path(preset or "quick").read_text(), markup=False, highlight=False)

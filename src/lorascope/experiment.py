@@ -239,20 +239,46 @@ class ExperimentSpec:
         return [(c, rep) for rep in range(most) for c in cells if rep < c.repetitions]
 
     def with_overrides(self, engine: str | None = None, model: str | None = None, device: str | None = None,
-                       vllm_cmd: str | None = None, url: str | None = None) -> ExperimentSpec:
-        """The spec with command-line overrides: `engine` replaces every sweep's engine axis."""
+                       vllm_cmd: str | None = None, url: str | None = None, sets: list[str] | None = None) -> ExperimentSpec:
+        """The spec with command-line overrides. `engine` replaces every sweep's engine axis; for an
+        engine other than the embedded one the policy axis goes (it runs its own scheduler) and a
+        sweep that only measures the fair policy is dropped."""
         data = self.to_dict()
         if engine is not None:
             data["engine"] = engine
             for s in data["sweep"]:
                 s.pop("engine", None)
-            if engine != "embedded" and any("fair" in s.get("policy", []) for s in data["sweep"]):
-                raise SpecError(f"spec {self.name!r} compares the embedded engine's policies (fair, vllm); "
-                                f"{engine} has its own scheduler: run it with --engine embedded")
+            if engine != "embedded":  # the policy axis is the embedded engine's: others have their own scheduler
+                kept = [s for s in data["sweep"] if set(s.get("policy", ["fair"])) != {"fair"}]
+                if not kept:
+                    raise SpecError(f"spec {self.name!r} only measures the embedded engine's fair policy; "
+                                    f"{engine} has its own scheduler: run it with --engine embedded")
+                for s in kept:
+                    s.pop("policy", None)
+                data["sweep"] = kept
         for key, value in (("model", model), ("device", device), ("vllm_cmd", vllm_cmd), ("url", url)):
             if value is not None:
                 data[key] = value
+        for item in sets or []:
+            key, value = parse_set(item)
+            data[key] = value
         return ExperimentSpec.from_dict(data, f"spec {self.name!r} with overrides")
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE` for a run-wide key (e.g. requests=64, output_len=32, slo_ttft_ms=500);
+    VALUE is read as TOML (numbers, true/false, quoted strings, lists), else taken as a string."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    allowed = {f.name for f in fields(ExperimentSpec)} - {"sweeps", "headline_cells", "headline_repetitions", "name"}
+    if not sep or key not in allowed:
+        raise SpecError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(allowed))} "
+                        "(the grid itself is changed in a spec file: --show-spec prints one to copy)")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value
+    return key, parsed
 
 
 def _known(data: dict[str, Any], allowed: set[str], where: str) -> None:
