@@ -30,6 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {"adapters", "loadgen", "model", "results", "config"},
     "experiment": {"loadgen", "results", "config"},
     "sweep": {"bench", "experiment", "adapters", "loadgen", "model", "results", "analysis", "config"},
+    "tunecmd": {"analysis", "bench", "loadgen", "config"},
     "cli": {"*"},
     "__init__": {"engine", "config"},
 }

@@ -313,6 +313,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (from r
     console.print(f"report: {path} (figures in {run_dir / 'figures'})")
 
 
+from lorascope.tunecmd import tune as _tune  # noqa: E402  (a thin command; its module imports lazily)
+
+app.command("tune")(_clean_errors(_tune))
+
+
 def main() -> None:
     app()
 
