@@ -83,7 +83,7 @@ def adapters_make(
 @_clean_errors
 def generate(
     model: Annotated[str, typer.Option(help="preset name or Hugging Face directory")] = "tiny",
-    adapters: Annotated[Path | None, typer.Option(help="directory of PEFT adapters")] = None,
+    adapters: Annotated[str | None, typer.Option(help="directory of PEFT adapters, or synthetic:COUNT[:RANK[:LATENCY_MS[:SEED]]]")] = None,
     prompt: Annotated[list[str] | None, typer.Option(help="prompt text (repeatable)")] = None,
     num_prompts: Annotated[int, typer.Option(help="requests to send, cycling prompts and adapters")] = 16,
     max_tokens: int = 32,
@@ -123,7 +123,8 @@ def generate(
 @_clean_errors
 def serve(
     model: Annotated[str, typer.Option(help="preset name or Hugging Face directory")] = "tiny",
-    adapters: Annotated[Path | None, typer.Option(help="directory of PEFT adapters (one subdirectory each)")] = None,
+    adapters: Annotated[str | None, typer.Option(help="directory of PEFT adapters (one subdirectory each), or "
+                     "synthetic:COUNT[:RANK[:LATENCY_MS[:SEED]]] (weights generated on load; capacity planning)")] = None,
     max_loras: int = 8,
     max_cpu_loras: int | None = None,
     max_lora_rank: int = 16,

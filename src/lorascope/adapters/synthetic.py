@@ -73,6 +73,37 @@ def _adapter_weights(
     return weights
 
 
+def check_synthetic(
+    count: int, rank: int | list[int], targets: list[str], alpha: float | None, base: str
+) -> tuple[list[int], list[str]]:
+    """Validate make_adapters' / SyntheticSource's arguments; return (ranks to cycle, targets without repeats).
+    `base` names the base model in the targets message. Raises ValueError naming the fix."""
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"adapter count {count!r} is invalid; make at least 1 adapter")
+    ranks = [rank] if isinstance(rank, int) else list(rank)
+    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
+        raise ValueError(f"rank {rank!r} is invalid; give a rank >= 1 or a non-empty list of them")
+    unknown = [t for t in targets if t not in LORA_TARGET_MODULES]
+    if unknown or not targets:
+        raise ValueError(
+            f"target modules {unknown or targets!r} are not LoRA targets of {base}; use some of {', '.join(LORA_TARGET_MODULES)}"
+        )
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha {alpha!r} is invalid; give a positive number or leave it out for 2 * rank")
+    return ranks, list(dict.fromkeys(targets))  # drop repeats, keep order
+
+
+def synthetic_adapter(
+    cfg: ModelConfig, ranks: list[int], targets: list[str], alpha: float | None, seed: int, index: int, dtype: torch.dtype
+) -> tuple[int, float, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
+    """Adapter `index`'s (rank, alpha, weights): rank ranks[index % len(ranks)], alpha 2 * rank unless
+    given, weights (A [rank, in], B [out, rank] per (layer, module)) from (seed, index) alone. What
+    make_adapters writes and SyntheticSource loads; arguments as check_synthetic returns them."""
+    r = ranks[index % len(ranks)]
+    a = float(2 * r if alpha is None else alpha)
+    return r, a, _adapter_weights(cfg, targets, r, a / r, seed, index, dtype)
+
+
 def make_adapters(
     out: Path,
     model: str,
@@ -87,24 +118,10 @@ def make_adapters(
     name or an HF directory). A list of ranks cycles: adapter i has rank ranks[i % len(ranks)].
     alpha defaults to 2 * rank (scale 2). Returns the adapter directories in index order."""
     cfg = resolve_config(str(model))
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"adapter count {count!r} is invalid; make at least 1 adapter")
-    ranks = [rank] if isinstance(rank, int) else list(rank)
-    if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ranks):
-        raise ValueError(f"rank {rank!r} is invalid; give a rank >= 1 or a non-empty list of them")
-    unknown = [t for t in targets if t not in LORA_TARGET_MODULES]
-    if unknown or not targets:
-        raise ValueError(
-            f"target modules {unknown or targets!r} are not LoRA targets of {model!r}; use some of {', '.join(LORA_TARGET_MODULES)}"
-        )
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha {alpha!r} is invalid; give a positive number or leave it out for 2 * rank")
-    targets = list(dict.fromkeys(targets))  # drop repeats, keep order
+    ranks, targets = check_synthetic(count, rank, targets, alpha, repr(model))
     paths = []
     for index, name in enumerate(adapter_names(count)):
-        r = ranks[index % len(ranks)]
-        a = float(2 * r if alpha is None else alpha)
-        weights = _adapter_weights(cfg, targets, r, a / r, seed, index, dtype)
+        r, a, weights = synthetic_adapter(cfg, ranks, targets, alpha, seed, index, dtype)
         path = out / name
         write_peft_adapter(path, weights, r, a, targets, base_model_name=str(model))
         paths.append(path)

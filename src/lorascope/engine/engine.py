@@ -242,10 +242,14 @@ class LLMEngine:
 def _make_source(adapters: Path | str | dict[str, Path] | AdapterSource | None, latency_s: float) -> AdapterSource:
     if adapters is None:
         return DirectorySource({}, latency_s)
+    from lorascope.adapters.source import SYNTHETIC_PREFIX, SyntheticSource
+
+    if isinstance(adapters, str) and adapters.startswith(SYNTHETIC_PREFIX):
+        return SyntheticSource.parse(adapters, default_latency_s=latency_s)  # the spec's LATENCY_MS wins
     if isinstance(adapters, (str, Path)):
         return DirectorySource.from_root(Path(adapters), latency_s)
     if isinstance(adapters, dict):
         return DirectorySource({k: Path(v) for k, v in adapters.items()}, latency_s)
     if hasattr(adapters, "load"):
         return adapters
-    raise ConfigError(f"adapters must be a directory, a {{name: path}} dict or an AdapterSource, got {type(adapters).__name__}")
+    raise ConfigError(f"adapters must be a directory, a synthetic:COUNT[:RANK[:LATENCY_MS[:SEED]]] spec, a {{name: path}} dict or an AdapterSource, got {type(adapters).__name__}")
