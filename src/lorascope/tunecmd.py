@@ -37,17 +37,18 @@ def tune(
     requests: Annotated[int, typer.Option(help="with --measure: measured requests per cell")] = 64,
     input_len: Annotated[str, typer.Option(help="with --measure: L | uniform:LO:HI | ...")] = "64",
     output_len: Annotated[str, typer.Option(help="with --measure: L | uniform:LO:HI | ...")] = "32",
-    out: Annotated[Path, typer.Option(help="with --measure: run directory (one cell per candidate)")] = Path(
-        "runs/tune"
-    ),
+    repetitions: Annotated[int, typer.Option(help="with --measure: runs per candidate (interleaved; medians)")] = 1,
+    out: Annotated[
+        Path | None, typer.Option(help="with --measure: a new run directory (default runs/tune-TIME)")
+    ] = None,
 ) -> None:
     """Recommend max_loras and max_cpu_loras for a traffic shape; --measure checks it on an engine."""
     if (host_memory_gb is None) != (adapter_mb is None):
         raise ValueError("give both --host-memory-gb and --adapter-mb, or neither")
     if adapter_mb is not None and not adapter_mb > 0:
         raise ValueError(f"--adapter-mb must be > 0, got {adapter_mb}")
-    if measure and requests < 1:
-        raise ValueError(f"--requests must be >= 1, got {requests}")
+    if measure and (requests < 1 or repetitions < 1):
+        raise ValueError(f"--requests and --repetitions must be >= 1, got {requests} and {repetitions}")
     adapter_bytes = None if adapter_mb is None else max(1, round(adapter_mb * 1e6))
     rec = recommend(adapters, traffic, concurrency, slo_ttft_ms, policy, adapter_bytes, host_memory_gb)
 
@@ -69,11 +70,16 @@ def tune(
     if not measure:
         return
 
+    import time
+
     from lorascope.bench import BenchSpec, run_bench
     from lorascope.loadgen.targets import CellKnobs
 
-    rows: list[dict[str, Any]] = []
-    for ml in candidates(rec):
+    out = out or Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "cells.csv").exists():
+        raise ValueError(f"{out} already holds measured cells; pick a new --out")
+    runs: list[dict[str, Any]] = []
+    for rep, ml in ((rep, ml) for rep in range(repetitions) for ml in candidates(rec)):
         knobs = CellKnobs(max_loras=ml, max_cpu_loras=max(rec.max_cpu_loras, ml), policy=policy)
         spec = BenchSpec(
             engine=engine,
@@ -86,10 +92,13 @@ def tune(
             output_len=output_len,
             slo_ttft_ms=slo_ttft_ms,
             cell_id=f"tune-ml{ml}",
+            repetition=rep,
+            seed=rep,
             knobs=knobs,
         )
-        console.print(f"measuring max_loras {ml} ...")
-        rows.append(run_bench(spec, out))
+        console.print(f"measuring max_loras {ml} (run {rep + 1} of {repetitions}) ...")
+        runs.append(run_bench(spec, out))
+    rows = _medians(runs)
     measured = Table(title=f"{engine} · {rec.traffic} over {adapters} adapters · c={concurrency}")
     for col in ("max_loras", "max_cpu_loras", "out tok/s", "TTFT p50 / p99 ms", "predicted waiting"):
         measured.add_column(col, justify="right")
@@ -104,4 +113,18 @@ def tune(
     console.print(measured)
     verdict, _ = confirm(rec, rows, slo_ttft_ms)
     console.print(verdict)
-    console.print(f"run directory: {out} (cells.csv has one row per candidate)")
+    console.print(f"run directory: {out} (cells.csv has one row per candidate and run)")
+
+
+def _medians(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per max_loras: the median throughput and p99 TTFT over its runs."""
+    import statistics
+
+    out = []
+    for ml in sorted({r["max_loras"] for r in runs}):
+        mine = [r for r in runs if r["max_loras"] == ml]
+        row = dict(mine[0])
+        for key in ("output_tok_s", "ttft_ms_p50", "ttft_ms_p99"):
+            row[key] = statistics.median(float(r[key]) for r in mine)
+        out.append(row)
+    return out

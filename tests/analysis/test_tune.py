@@ -221,3 +221,21 @@ def test_recommendation_lies_in_the_measured_best_region(tmp_path: Path) -> None
 
 
 REPETITIONS = 3
+
+
+@pytest.mark.slow
+def test_tune_measure_runs_each_candidate_and_gives_a_verdict(tmp_path: Path) -> None:
+    """`lorascope tune --measure` through the real command: one fresh server per candidate max_loras."""
+    from lorascope.cli import app as real_app
+
+    out = tmp_path / "tune"
+    args = ["tune", "--adapters", "12", "--traffic", "zipf:1.5", "--concurrency", "4", "--measure", "--requests", "8",
+            "--input-len", "16", "--output-len", "4", "--out", str(out)]
+    result = CliRunner().invoke(real_app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rec = recommend(12, "zipf:1.5", 4)
+    cells = (out / "cells.csv").read_text().splitlines()
+    assert len(cells) == 1 + len(candidates(rec))
+    assert "confirmed" in result.output or "measure more settings" in result.output
+    again = CliRunner().invoke(real_app, args)
+    assert again.exit_code == 2 and "already holds" in again.output

@@ -849,8 +849,11 @@ def policy_comparison(data: RunData) -> Path | None:
                 errs.append(float(r.get(f"{metric}_ci95", np.nan)))
             v, e = np.array(vals), np.nan_to_num(np.array(errs))
             low = np.minimum(e, v * 0.999) if log else np.minimum(e, v)
-            ax.bar(xs + (k - 0.5) * 0.38, v, width=0.38, color=color, label=f"{pol} policy",
-                   yerr=[low, e], capsize=3, error_kw={"elinewidth": 1, "ecolor": "#333333"})
+            ax.bar(xs + (k - 0.5) * 0.38, v, width=0.38, color=color, label=f"{pol} policy")
+            has = e > 0  # a single run has no interval: draw no (zero-length) bar for it
+            if has.any():
+                ax.errorbar((xs + (k - 0.5) * 0.38)[has], v[has], yerr=[low[has], e[has]], fmt="none", capsize=3,
+                            elinewidth=1, ecolor="#333333")
     top.set_ylabel("output throughput (tok/s)")
     bottom.set_ylabel("p99 TTFT (ms, log scale)")
     bottom.set_yscale("log")
