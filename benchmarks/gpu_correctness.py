@@ -46,29 +46,60 @@ def run_engine(model: str, device: str, dtype: str, adapters: dict[str, Path], r
     return llm, outs, build_s
 
 
-def speed(model: str, adapters_root: Path, n_adapters: int, requests: int = 64) -> dict[str, float]:
-    names = sorted(p.name for p in adapters_root.iterdir())[:n_adapters]
-    llm = LLM(model, {n: adapters_root / n for n in names}, device="cuda", dtype="bfloat16", max_loras=32,
-              max_cpu_loras=64, max_lora_rank=16, max_num_seqs=32, max_model_len=2048, kv_cache_gb=8,
+def speed(model: str, adapters_root: Path, max_num_seqs: int, adapter_counts: tuple[int, ...], eager_too: bool,
+          requests: int) -> list[dict[str, float]]:
+    """Closed batch of `requests` 128+128-token requests (max_num_seqs in flight) per adapter count, with the
+    CUDA-graph decode path and, if eager_too, without it (runner.use_graphs toggled on one engine)."""
+    names_all = sorted(p.name for p in adapters_root.iterdir())
+    llm = LLM(model, {n: adapters_root / n for n in names_all}, device="cuda", dtype="bfloat16", max_loras=32,
+              max_cpu_loras=64, max_lora_rank=16, max_num_seqs=max_num_seqs, max_model_len=2048, kv_cache_gb=40,
               lora_target_modules=("q_proj", "v_proj"))
     eng = llm.engine
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 128000, (128,), generator=gen).tolist() for _ in range(requests + 32)]
-    adapter_of = [names[i % len(names)] if names else None for i in range(len(prompts))]
-    # warm-up: one full batch, untimed
-    llm.generate(prompts[:32], params, adapter_of[:32])
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    outs = llm.generate(prompts[32:], params, adapter_of[32:])
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    steps = list(eng.steps)[-200:]
-    result = {"adapters": n_adapters, "tok_s": tokens / elapsed, "elapsed_s": elapsed,
-              "mean_step_ms": 1e3 * sum(s.duration_s for s in steps) / len(steps)}
+    prompts = [torch.randint(0, 128000, (128,), generator=gen).tolist() for _ in range(requests + max_num_seqs)]
+    results = []
+    for graphs in ((True, False) if eager_too else (True,)):
+        eng.runner.use_graphs = graphs
+        for n in adapter_counts:
+            names = names_all[:n]
+            adapter_of = [names[i % len(names)] if names else None for i in range(len(prompts))]
+            llm.generate(prompts[:max_num_seqs], params, adapter_of[:max_num_seqs])  # warm-up (captures graphs)
+            torch.cuda.synchronize()
+            before = len(eng.steps)
+            start = time.perf_counter()
+            outs = llm.generate(prompts[max_num_seqs:], params, adapter_of[max_num_seqs:])
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            tokens = sum(len(o.token_ids) for o in outs)
+            steps = list(eng.steps)[before:]
+            decode = [s.duration_s for s in steps if s.num_tokens == s.num_seqs]
+            replay_ms = None
+            if graphs and max_num_seqs in eng.runner.graphs:  # the captured step alone: its GPU time
+                g = eng.runner.graphs[max_num_seqs].graph
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    g.replay()
+                torch.cuda.synchronize()
+                replay_ms = 1e3 * (time.perf_counter() - t0) / 20
+            row = {"graphs": graphs, "max_num_seqs": max_num_seqs, "adapters": n, "tok_s": tokens / elapsed,
+                   "graph_replay_ms": replay_ms,
+                   "elapsed_s": elapsed, "mean_step_ms": 1e3 * sum(s.duration_s for s in steps) / max(1, len(steps)),
+                   "mean_decode_step_ms": 1e3 * sum(decode) / max(1, len(decode)), "steps": len(steps)}
+            print("speed", row, flush=True)
+            results.append(row)
     llm.close()
-    return result
+    return results
+
+
+def speed_part(report: dict[str, object], tmp: Path, model: str) -> None:
+    speed_root = tmp / "speed"
+    make_adapters(speed_root, model, 32, 16, ["q_proj", "v_proj"], seed=3, dtype=torch.bfloat16)
+    report["speed"] = speed(model, speed_root, 32, (32, 1, 0), eager_too=True, requests=96)
+    gc.collect()
+    torch.cuda.empty_cache()
+    report["speed"] += speed(model, speed_root, 256, (32, 0), eager_too=False, requests=512)  # type: ignore[operator]
 
 
 def main() -> None:
@@ -77,6 +108,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the checks (tiny model), no speed part")
+    ap.add_argument("--speed-only", action="store_true", help="skip the correctness part")
     args = ap.parse_args()
     import peft
     import transformers
@@ -91,6 +123,11 @@ def main() -> None:
     qv = make_adapters(tmp / "qv", model, 2, [16, 8], ["q_proj", "v_proj"], seed=2)
     adapters = {f"all-{p.name}": p for p in every} | {f"qv-{p.name}": p for p in qv}
     report["adapters_make_s"] = time.perf_counter() - t0
+    if args.speed_only:
+        speed_part(report, tmp, model)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        return
     gen = torch.Generator().manual_seed(0)
     names: list[str | None] = [*sorted(adapters), None, None]
     vocab = 128000 if model == "llama-3.1-8b" else 250
@@ -131,7 +168,7 @@ def main() -> None:
     # The floor: float32 arithmetic on the bf16-rounded weights (base and adapter slots).
     with torch.no_grad():
         for p in llm32.engine.runner.model.parameters():
-            p.data = p.data.bfloat16().float()
+            p.copy_(p.bfloat16().float())  # in place: captured CUDA graphs read these very tensors
         for t in (*llm32.engine.store.a.values(), *llm32.engine.store.b.values()):
             t.copy_(t.bfloat16().float())
     params = SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True, return_logits=True)
@@ -153,9 +190,7 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     if device == "cuda":
-        speed_root = tmp / "speed"
-        make_adapters(speed_root, model, 32, 16, ["q_proj", "v_proj"], seed=3)
-        report["speed_plain_torch"] = [speed(model, speed_root, n) for n in (0, 1, 32)]
+        speed_part(report, tmp, model)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))

@@ -38,6 +38,8 @@ class EngineConfig:
     fair_max_wait_steps: int = 64
     prefetch_lookahead: int = 64
     loader_threads: int = 2
+    # CUDA: decode steps replay CUDA graphs per batch-size bucket unless this is set (vLLM's name)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

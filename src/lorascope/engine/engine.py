@@ -66,7 +66,8 @@ class LLMEngine:
             )
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
-        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device, self.store)
+        self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device, self.store, self.max_model_len,
+                                  cfg.max_num_seqs, cfg.enforce_eager)
         self.requests: dict[str, Request] = {}
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self._ids = itertools.count()

@@ -6,12 +6,18 @@ The KV cache of one layer is two tensors [num_rows, kv_heads, head_dim], one row
 - decode sequences (one new token each) in one batched SDPA over their gathered context rows;
 - each prefill chunk (q_len new tokens after kv_len - q_len cached ones) with its own SDPA.
 Causality and the optional sliding window are in the masks built by `AttentionMetadata.build`.
+
+On CUDA (`triton_decode=True`) the decode sequences go to the Triton kernel of attention_triton.py
+instead: their metadata is a block table [Bd, max_blocks] int32 and the context lengths [Bd] int32,
+O(blocks) host work instead of O(context) (the padded gather rows), fixed shapes, no host sync: the
+form a CUDA-graph-captured decode step reads (engine/runner.py keeps those tensors static).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +37,12 @@ class AttentionMetadata:
     decode_kv_rows: torch.Tensor | None = None  # [Bd, Kmax] padded with row 0
     decode_mask: torch.Tensor | None = None  # [Bd, 1, 1, Kmax] bool
     prefills: list[PrefillChunk] = field(default_factory=list)
+    # the Triton decode path (triton_decode=True): decode tokens are the first Bd flat tokens
+    triton_decode: bool = False
+    decode_tables: torch.Tensor | None = None  # [Bd, max_blocks] int32
+    decode_lens: torch.Tensor | None = None  # [Bd] int32, the new token included
+    block_size: int = 16
+    sliding_window: int | None = None
 
     @classmethod
     def build(
@@ -41,24 +53,42 @@ class AttentionMetadata:
         block_size: int,
         sliding_window: int | None,
         device: torch.device,
+        triton_decode: bool = False,
     ) -> AttentionMetadata:
-        """Metadata for sequences laid out one after another in the flat batch, in list order."""
+        """Metadata for sequences laid out one after another in the flat batch, in list order.
+        With triton_decode, decode sequences (q_len 1, kv_len > 1) must come first."""
         slot_rows: list[int] = []
         decode_tokens: list[int] = []
         decode_rows: list[list[int]] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
         prefills: list[PrefillChunk] = []
         start = 0
         for q_len, kv_len, table in zip(q_lens, kv_lens, block_tables, strict=True):
-            rows = [table[p // block_size] * block_size + p % block_size for p in range(kv_len)]
-            slot_rows.extend(rows[kv_len - q_len :])
+            slot_rows.extend(table[p // block_size] * block_size + p % block_size for p in range(kv_len - q_len, kv_len))
             if q_len == 1 and kv_len > 1:
-                decode_tokens.append(start)
-                decode_rows.append(rows)
+                if triton_decode:
+                    if start != len(decode_lens):
+                        raise ValueError("with triton_decode the decode sequences must come first in the batch")
+                    decode_tables.append(table[: -(-kv_len // block_size)])
+                    decode_lens.append(kv_len)
+                else:
+                    decode_tokens.append(start)
+                    decode_rows.append([table[p // block_size] * block_size + p % block_size for p in range(kv_len)])
             else:
+                rows = [table[p // block_size] * block_size + p % block_size for p in range(kv_len)]
                 mask = _prefill_mask(q_len, kv_len, sliding_window, device)
                 prefills.append(PrefillChunk(start, q_len, torch.tensor(rows, device=device), mask))
             start += q_len
-        meta = cls(slot_mapping=torch.tensor(slot_rows, dtype=torch.long, device=device), prefills=prefills)
+        meta = cls(slot_mapping=torch.tensor(slot_rows, dtype=torch.long, device=device), prefills=prefills,
+                   triton_decode=triton_decode, block_size=block_size, sliding_window=sliding_window)
+        if decode_lens:
+            width = max(map(len, decode_tables))
+            tables = np.zeros((len(decode_tables), width), dtype=np.int32)
+            for i, t in enumerate(decode_tables):
+                tables[i, : len(t)] = t
+            meta.decode_tables = torch.from_numpy(tables).to(device, non_blocking=True)
+            meta.decode_lens = torch.tensor(decode_lens, dtype=torch.int32, device=device)
         if decode_tokens:
             kmax = max(map(len, decode_rows))
             padded = torch.zeros(len(decode_rows), kmax, dtype=torch.long)
@@ -98,6 +128,12 @@ def paged_attention(
     k_cache[meta.slot_mapping] = k
     v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
+    if meta.decode_lens is not None:
+        from lorascope.kernels.attention_triton import paged_decode_attention
+
+        bd = meta.decode_lens.shape[0]
+        paged_decode_attention(q[:bd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, scale, meta.block_size,
+                               meta.sliding_window, out=out[:bd])
     if meta.decode_tokens is not None:
         qd = q[meta.decode_tokens].unsqueeze(2)  # [Bd, H, 1, D]
         kd = k_cache[meta.decode_kv_rows].transpose(1, 2)  # [Bd, Hkv, K, D]
