@@ -1,0 +1,40 @@
+"""CUDA-graph decode steps (engine/runner.py): greedy tokens identical to the eager path and to
+HF transformers + PEFT, across batch-size buckets and steps mixing prefill with decode.
+GPU only (benchmarks/gpu_graphs_check.py runs the same check on the device machine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorascope import LLM, SamplingParams
+from lorascope.adapters.synthetic import make_adapters
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-qwen2"])
+def test_graph_decode_equals_eager_and_hf(tmp_path: Path, model: str) -> None:
+    from lorascope.reference import hf_model_sharing, reference_generate
+
+    root = tmp_path / "a"
+    make_adapters(root, model, 6, [8, 16], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                  seed=4)
+    names: list[str | None] = [f"a{i:04d}" for i in range(6)] + [None, None]
+    gen = torch.Generator().manual_seed(1)
+    reqs = [(torch.randint(0, 250, (5 + (7 * i) % 56,), generator=gen).tolist(), names[i % len(names)]) for i in range(30)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(model, root, device="cuda", dtype="float32", max_loras=4, max_cpu_loras=8, max_num_seqs=12,
+                  max_num_batched_tokens=96, enforce_eager=eager)
+        outs[eager] = [o.token_ids for o in llm.generate([p for p, _ in reqs], params, [a for _, a in reqs])]
+        if not eager:
+            assert sorted(llm.engine.runner.graphs) == [2, 4, 8, 12]
+            hf = hf_model_sharing(llm.engine.runner.model, "cuda")
+            ref = reference_generate(hf, {n: root / n for n in names if n}, reqs, 24, device="cuda", dtype=torch.float32)
+        llm.close()
+    assert outs[False] == outs[True]
+    assert outs[False] == [r.token_ids for r in ref]
