@@ -102,3 +102,33 @@ def test_fair_beats_vllm_on_the_worst_wait(setup) -> None:
     fair_cold, _, _ = drive(setup, "fair", 120)
     vllm_cold, _, _ = drive(setup, "vllm", 120)
     assert max(r.wait_steps for r in fair_cold) * 2 < max(r.wait_steps for r in vllm_cold)
+
+
+def test_fair_drains_one_slot_for_an_overdue_request_not_the_batch(setup) -> None:
+    """max_loras 2, two hot adapters streaming, one cold request: once it is overdue, `fair` drains
+    a single hot adapter for it and keeps admitting the other one's requests meanwhile (the first
+    version paused every admission until the whole batch drained)."""
+    mdir, adapters = setup
+    names = sorted(adapters)
+    llm = LLM(str(mdir), adapters, max_loras=2, max_cpu_loras=8, max_lora_rank=8, max_num_seqs=MAX_SEQS,
+              policy="fair", fair_max_wait_steps=W)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
+    prompt = list(range(1, 9))
+    hot = [eng.add_request(prompt, params, names[k % 2]) for k in range(4)]
+    cold = None
+    for step in range(400):
+        if step == 2:
+            cold = eng.add_request(prompt, params, names[5])
+        if step < 120:
+            hot.append(eng.add_request(prompt, params, names[step % 2]))
+        eng.step()
+    while eng.has_unfinished():
+        eng.step()
+    llm.close()
+    assert cold is not None and cold.admitted_step is not None
+    overdue_from, started = cold.arrival_step + W, cold.admitted_step
+    assert started - overdue_from <= D + L, "the overdue request waited longer than one drain"
+    during = [r for r in hot if r.admitted_step is not None and overdue_from < r.admitted_step < started]
+    assert during, "no hot request was admitted while the overdue one waited: the whole batch was drained"
+    assert len({r.adapter for r in during}) == 1, "both hot adapters kept admitting: nothing was drained"

@@ -6,12 +6,15 @@ full, and requests behind it may go first. A cold adapter that gets a place is l
 step, unlike vLLM, which loads inside it) and counts against the cap while it loads.
 
 `fair` (default) bounds every request's wait:
-1. Requests that have waited `fair_max_wait_steps` steps or more are *overdue*. While any overdue
-   request waits, only overdue requests are admitted, in arrival order. When the oldest cannot
-   start, admissions pause: running requests drain and free a seat, KV blocks and a slot, and it
-   starts. (If only its adapter's load is missing, its seat and blocks are held back and the next
-   overdue requests may use what is left.) So once overdue, a request's remaining wait is bounded
-   by the work already ahead of it, never by later arrivals.
+1. Requests that have waited `fair_max_wait_steps` steps or more are *overdue*; they go first, in
+   arrival order. One that lacks only a device slot gets one by *draining* a single resident
+   adapter: the one with the fewest running requests (it frees soonest) takes no new requests
+   until its slot is free, then the overdue request's adapter loads there. Every other resident
+   adapter keeps admitting, so the batch stays full (draining the whole batch for every overdue
+   request, this policy's first version, lost up to half the throughput at low max_loras:
+   benchmarks/RESULTS.md). One that lacks a seat or KV blocks pauses all admissions until
+   running requests free them. Either way its remaining wait is bounded by work already running
+   or ahead of it, never by later arrivals: a draining adapter admits nothing new.
 2. Otherwise adapters are grouped to keep the working set small: requests whose adapter is
    resident go first (in arrival order), then the others grouped by adapter, oldest group first;
    their adapters are loaded into free slots or in place of resident adapters nobody waits for.
@@ -20,6 +23,7 @@ step, unlike vLLM, which loads inside it) and counts against the cap while it lo
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from lorascope.config import EngineConfig
@@ -70,31 +74,47 @@ class FairPolicy:
 
     def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None:
         overdue = [r for r in s.waiting if s.step - r.arrival_step >= self.max_wait_steps]
-        seats, blocks = 0, 0  # held back for overdue requests whose adapter is still loading
+        seats, blocks = 0, 0  # held back for overdue requests whose adapter is loading or waits for a slot
+        draining: set[str] = set()  # resident adapters that take no new request: their slots go to overdue ones
+        keep = {r.adapter for r in overdue if r.adapter is not None}  # never drain what an overdue request needs
+        slot_for: set[str] = set()  # adapters a slot is already being drained for (one slot each)
         for req in overdue:
             chunk = s.first_chunk(req, budget)
             need = s.blocks.blocks_needed(req, req.num_computed + chunk)
             room = len(s.running) + seats < s.cfg.max_num_seqs and need + blocks <= s.blocks.num_free and budget > 0
-            if room and s.adapter_ready(req):
+            if not room:  # a seat or KV blocks: pause admissions until running requests free them
+                self._prefetch(s)
+                return
+            if s.adapter_ready(req):
                 budget -= s.admit(req, out, budget)
                 continue
-            secured = req.adapter is not None and s.cache is not None and s.cache.request_load(req.adapter)
-            if not (room and secured):
-                break  # drain: admissions pause until the running requests free what it needs
+            assert req.adapter is not None and s.cache is not None
+            if not s.cache.request_load(req.adapter, protected=keep - {req.adapter}) and req.adapter not in slot_for:
+                victim = self._drain_victim(s, keep | draining)
+                if victim is not None:
+                    draining.add(victim)
+                    slot_for.add(req.adapter)
             seats, blocks, budget = seats + 1, blocks + need, budget - chunk
-        if any(r.status is Status.WAITING for r in overdue):
-            self._prefetch(s)
-            return  # nothing that arrived later goes ahead of a waiting overdue request
-        self._admit_grouped(s, out, budget, 0, 0)
+        self._admit_grouped(s, out, budget, seats, blocks, draining)
         self._prefetch(s)
 
-    def _admit_grouped(self, s: Scheduler, out: SchedulerOutput, budget: int, seats: int, blocks: int) -> None:
+    @staticmethod
+    def _drain_victim(s: Scheduler, exclude: set[str]) -> str | None:
+        """The resident adapter whose slot frees soonest: the fewest running requests (ties: name)."""
+        running = Counter(r.adapter for r in s.running if r.adapter is not None)
+        cache = s.cache
+        candidates = [a for a in running if a not in exclude and cache is not None and cache.is_ready(a)]
+        return min(candidates, key=lambda a: (running[a], a)) if candidates else None
+
+    def _admit_grouped(self, s: Scheduler, out: SchedulerOutput, budget: int, seats: int, blocks: int,
+                       draining: set[str]) -> None:
         cache = s.cache
         oldest: dict[str | None, int] = {}
         for i, r in enumerate(s.waiting):
             oldest.setdefault(r.adapter, i)
         order = sorted(range(len(s.waiting)), key=lambda i: (not s.adapter_ready(s.waiting[i]), oldest[s.waiting[i].adapter], i))
-        candidates = [s.waiting[i] for i in order]
+        candidates = [s.waiting[i] for i in order if s.waiting[i].adapter not in draining
+                      and s.step - s.waiting[i].arrival_step < self.max_wait_steps]  # overdue ones: admit() above
         wanted = {r.adapter for r in candidates if r.adapter is not None and s.adapter_ready(r)}
         for req in candidates:
             if len(s.running) + seats >= s.cfg.max_num_seqs or budget <= 0:
@@ -104,7 +124,7 @@ class FairPolicy:
                 if need + blocks > s.blocks.num_free:
                     break
                 budget -= s.admit(req, out, budget)
-            else:
+            elif not draining:  # while a slot drains for an overdue request, no other cold adapter loads
                 assert cache is not None and req.adapter is not None
                 if not cache.is_loading(req.adapter) and cache.request_load(req.adapter, protected=wanted):
                     wanted.add(req.adapter)
