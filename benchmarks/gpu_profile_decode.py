@@ -1,0 +1,72 @@
+"""Where the GPU time of one captured decode step goes: a kernel-level profile of CUDA-graph replays.
+
+    PYTHONPATH=src python3 benchmarks/gpu_profile_decode.py --out $OUT/profile.json [--batch 32] [--adapters 32]
+
+llama-3.1-8b shape, bf16, rank-16 q/v adapters; one closed batch captures the bucket, then 10 replays
+of that bucket's graph run under torch.profiler. Prints the kernels grouped by name (total time per
+step, launches per step) and the step's kernel count, and writes them as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from lorascope import LLM, SamplingParams
+from lorascope.adapters.synthetic import make_adapters
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--adapters", type=int, default=32)
+    ap.add_argument("--replays", type=int, default=10)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp()) / "a"
+    make_adapters(root, "llama-3.1-8b", max(1, args.adapters), 16, ["q_proj", "v_proj"], seed=3, dtype=torch.bfloat16)
+    names = sorted(p.name for p in root.iterdir())[: args.adapters]
+    llm = LLM("llama-3.1-8b", root, device="cuda", dtype="bfloat16", max_loras=max(1, args.adapters), max_lora_rank=16,
+              max_num_seqs=args.batch, max_model_len=2048, kv_cache_gb=20, lora_target_modules=("q_proj", "v_proj"))
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128000, (128,), generator=gen).tolist() for _ in range(args.batch)]
+    adapter_of = [names[i % len(names)] if names else None for i in range(args.batch)]
+    llm.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), adapter_of)
+    graph = llm.engine.runner.graphs[args.batch].graph
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    replay_ms = 1e3 * (time.perf_counter() - t0) / 20
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.replays):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(list)
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA" and ev.device_time_total > 0:
+            kernels[ev.name].append(ev.device_time_total)
+    rows = sorted(({"kernel": k[:120], "us_per_step": sum(v) / args.replays, "launches_per_step": len(v) / args.replays}
+                   for k, v in kernels.items()), key=lambda r: -r["us_per_step"])
+    total_us = sum(r["us_per_step"] for r in rows)
+    launches = sum(r["launches_per_step"] for r in rows)
+    print(f"batch {args.batch}, {args.adapters} adapters: replay {replay_ms:.2f} ms/step (wall), "
+          f"kernel time {total_us / 1e3:.2f} ms/step in {launches:.0f} launches")
+    for r in rows[:30]:
+        print(f"{r['us_per_step']:9.1f} us {r['launches_per_step']:6.0f}x  {r['kernel']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"batch": args.batch, "adapters": args.adapters, "replay_ms": replay_ms,
+                                    "kernel_ms": total_us / 1e3, "launches": launches, "kernels": rows}, indent=2))
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
