@@ -21,8 +21,8 @@ SPEC = """
 name = "resume-test"
 model = "tiny"
 input_len = "16"
-output_len = "8"
-requests = 16
+output_len = "16"
+requests = 48
 warmup = 2
 [[sweep]]
 name = "a"
@@ -78,11 +78,10 @@ def test_kill_9_then_resume_gives_the_same_cells_none_redone(tmp_path: Path) -> 
     while sum("serving" in p.read_text() for p in (broken / "logs").glob("*.log")) < 3:  # the third server is up
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    time.sleep(0.5)  # its requests are in flight
-    assert len(_servers_of(broken)) == 1
+    time.sleep(0.2)  # its requests are in flight (a cell measures 48 requests: about 1-2 s)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert 2 <= len(finished_cells(broken)) < 4
+    assert 2 <= len(finished_cells(broken)) < 4, "the run was not killed mid-sweep"
     before = _files(broken)
     time.sleep(1.0)
     assert _servers_of(broken) == [], "a server outlived its killed runner"
@@ -100,8 +99,8 @@ def test_kill_9_then_resume_gives_the_same_cells_none_redone(tmp_path: Path) -> 
     assert set(cells["cell_id"]) == set(pd.read_csv(whole / "cells.csv")["cell_id"])
     records = pd.read_parquet(broken / "requests.parquet")
     measured = records[~records["warmup"]]
-    assert measured.groupby(["cell_id", "repetition"]).size().tolist() == [16] * 4  # no duplicated requests
-    assert (cells["ok"] == 16).all()
+    assert measured.groupby(["cell_id", "repetition"]).size().tolist() == [48] * 4  # no duplicated requests
+    assert (cells["ok"] == 48).all()
 
 
 def test_a_run_directory_is_never_overwritten(tmp_path: Path) -> None:
@@ -145,7 +144,7 @@ def test_run_end_to_end_with_report(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "report:" in done.stdout
     cells = pd.read_csv(out / "cells.csv")
-    assert sorted(cells["max_loras"]) == [2, 12] and (cells["ok"] == 16).all()
+    assert sorted(cells["max_loras"]) == [2, 12] and (cells["ok"] == 48).all()
     assert (cells["mem_source"] == "measured").all() and (cells["mem_adapter_slots_bytes"] > 0).all()
     # the embedded engine's exact per-step histogram: never more distinct adapters than slots
     assert (cells["active_adapters_p90"] <= cells["max_loras"]).all() and (cells["active_adapters_mean"] > 0).all()
