@@ -27,14 +27,25 @@ class Decoder(nn.Module):
         self.cfg = cfg
         self.model = _Body(cfg, max_len)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # fused GPU kernels (kernels/fused_triton.py) instead of torch's elementwise ops: the runner
+        # turns this on for CUDA with triton (same arithmetic, a third of the launches)
+        self.fused = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # The residual stream stays in float32: in bf16 its 2L roundings cost more accuracy than the
         # matmuls do (llama-3.1-8b shape, benchmarks/RESULTS.md); for float32 models nothing changes.
         x = self.model.embed_tokens(input_ids).float()
+        norm = self.model.norm
+        if self.fused:
+            from lorascope.kernels.fused_triton import add_rmsnorm
+
+            delta = None  # x (a fresh tensor from the embedding lookup) is updated in place
+            for layer in self.model.layers:
+                delta = layer.forward_fused(x, delta, positions, ctx)
+            return add_rmsnorm(x, delta, norm.weight, norm.eps)
         for layer in self.model.layers:
             x = layer(x, positions, ctx)
-        return self.model.norm(x)
+        return norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorascope.kernels import fused_triton
 from lorascope.kernels.attention import paged_attention
 from lorascope.kernels.lora import lora_grouped
 from lorascope.model.config import ModelConfig
@@ -107,14 +108,19 @@ class Attention(nn.Module):
         self.o_proj = LoRALinear(cfg.q_size, cfg.hidden_size, False, layer, "o_proj")
         self.rotary = [rotary]  # a list: shared, not a registered submodule of every layer
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
         t = x.shape[0]
         q = self.q_proj(x, ctx).view(t, self.heads, self.head_dim)
         k = self.k_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
-        q, k = self.rotary[0](q, positions), self.rotary[0](k, positions)
         k_cache, v_cache = ctx.kv_caches[self.layer]
-        out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.head_dim**-0.5)
+        rotary = self.rotary[0]
+        if fused:  # rotary of q (in place) and k, and the K/V cache writes, in one launch
+            fused_triton.rope_and_cache(q, k, v, rotary.cos, rotary.sin, positions, ctx.attn.slot_mapping, k_cache, v_cache)
+            out = paged_attention(q, None, None, k_cache, v_cache, ctx.attn, self.head_dim**-0.5)
+        else:
+            q, k = rotary(q, positions), rotary(k, positions)
+            out = paged_attention(q, k, v, k_cache, v_cache, ctx.attn, self.head_dim**-0.5)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim), ctx)
 
 
@@ -125,8 +131,9 @@ class MLP(nn.Module):
         self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False, layer, "up_proj")
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False, layer, "down_proj")
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, ctx)) * self.up_proj(x, ctx), ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
+        gate, up = self.gate_proj(x, ctx), self.up_proj(x, ctx)
+        return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
 
 
 class DecoderLayer(nn.Module):
@@ -141,3 +148,14 @@ class DecoderLayer(nn.Module):
         """x is the residual stream, kept in float32 whatever the weights' dtype (see Decoder)."""
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx).float()
         return x + self.mlp(self.post_attention_layernorm(x), ctx).float()
+
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext
+                      ) -> torch.Tensor:
+        """The same layer with the GPU's fused kernels (kernels/fused_triton.py). `x` is the float32
+        residual stream *before* the previous layer's MLP output `delta` is added (None for the first
+        layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
+        layer's MLP output, which the next layer (or the final norm) adds."""
+        h = fused_triton.add_rmsnorm(x, delta, self.input_layernorm.weight, self.input_layernorm.eps)
+        a = self.self_attn(h, positions, ctx, fused=True)
+        h = fused_triton.add_rmsnorm(x, a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
+        return self.mlp(h, ctx, fused=True)
