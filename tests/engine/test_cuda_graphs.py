@@ -1,5 +1,5 @@
-"""CUDA-graph decode steps (engine/runner.py): greedy tokens identical to the eager path and to
-HF transformers + PEFT, across batch-size buckets and steps mixing prefill with decode.
+"""CUDA-graph steps (engine/runner.py): greedy tokens identical to the eager path and to HF
+transformers + PEFT, across token buckets, for decode steps and steps mixing prefill chunks with decode.
 GPU only (benchmarks/gpu_graphs_check.py runs the same check on the device machine)."""
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def test_graph_decode_equals_eager_and_hf(tmp_path: Path, model: str) -> None:
                   max_num_batched_tokens=96, enforce_eager=eager)
         outs[eager] = [o.token_ids for o in llm.generate([p for p, _ in reqs], params, [a for _, a in reqs])]
         if not eager:
-            assert sorted(llm.engine.runner.graphs) == [2, 4, 8, 12]
+            runner = llm.engine.runner
+            assert runner.eager_steps == 0, "every step fits a token bucket (<= 96 tokens): none may run eagerly"
+            assert max(runner.graphs) > 12, f"no step with a prefill chunk was replayed: buckets {sorted(runner.graphs)}"
             hf = hf_model_sharing(llm.engine.runner.model, "cuda")
             ref = reference_generate(hf, {n: root / n for n in names if n}, reqs, 24, device="cuda", dtype=torch.float32)
         llm.close()

@@ -38,8 +38,11 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
     elif INTERPRETED:  # truncation instead of rounding, up to three times: a few ulps (2^-7 relative each)
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -5, atol=2 ** -6)
     else:  # the same roundings in the same order; only the RMS sum's order differs
-        mismatch = (got != want).float().mean().item()
-        assert mismatch < 0.01, f"{mismatch:.2%} of elements differ from torch's"
+        diff = got != want
+        mismatch = diff.float().mean().item()
+        where = diff.nonzero()[:5].tolist()
+        assert mismatch < 0.01, (f"{mismatch:.2%} of elements differ from torch's, e.g. at {where}: "
+                                 f"{got[diff][:5].tolist()} vs {want[diff][:5].tolist()}")
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lorascope.kernels.lora import lora_reference, segments_to_token_slots
-from lorascope.kernels.lora_triton import HAS_TRITON, LoRAMeta, lora_grouped_triton, padded_rank
+from lorascope.kernels.lora_triton import HAS_TRITON, LoRAMeta, lora_grouped_triton, lora_multi_triton, padded_rank
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -87,6 +87,32 @@ def test_kernel_matches_reference(dtype: torch.dtype, num_slots: int, active: in
     out = lora_grouped_triton(x, y, a, b, ranks, scales, segments)
     assert out is y, "y is updated in place and returned"
     check(x, y0, a, b, ranks, scales, segments, y, dtype)
+
+
+@pytest.mark.gpu
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fan_in,fan_outs,lengths,gap", [(96, (40, 24, 24), (1, 3, 17), 2), (96, (136, 72), (1,), 0),
+                                                         (96, (50,), (2, 1), 1), (1100, (70, 40), (1, 5), 1)])
+def test_kernel_multi_module_matches_reference(dtype: torch.dtype, fan_in: int, fan_outs: tuple[int, ...],
+                                               lengths: tuple[int, ...], gap: int) -> None:
+    """q/k/v (or gate/up) in two launches: each module's y gets exactly its own delta, with its own
+    ranks (a module an adapter lacks: rank 0) and scales, over one step's segments (fan_in 1100: K
+    split across programs, a partial last tile)."""
+    cases = []
+    for i, fan_out in enumerate(fan_outs):
+        g = torch.Generator().manual_seed(1000 * i + fan_out)
+        cases.append(make_case(g, dtype, 12, 6, fan_in, fan_out, lengths=lengths, gap=gap, rank_cycle=(*(16, 8, 4)[i:], 0, 16)))
+    segments = cases[0][6]
+    x = cases[0][0]
+    ranks = {f"m{i}": c[4] for i, c in enumerate(cases)}
+    scales = {f"m{i}": c[5] for i, c in enumerate(cases)}
+    meta = LoRAMeta.build(segments, ranks, scales, x.device)
+    ys = [c[1].clone() for c in cases]
+    lora_multi_triton(x, [(y, c[2], c[3], meta[f"m{i}"]) for i, (y, c) in enumerate(zip(ys, cases))])
+    for y, c in zip(ys, cases):
+        _, y0, a, b, rk, sc, _ = c
+        check(x, y0, a, b, rk, sc, segments, y, dtype)
 
 
 @pytest.mark.gpu

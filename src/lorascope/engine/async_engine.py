@@ -209,6 +209,10 @@ class AsyncLLMEngine:
             command()
 
     def _publish(self, progressed: list[Request]) -> None:
+        """One step's deltas, delivered with one wake-up per event loop (not one per request: each
+        call_soon_threadsafe writes the loop's self-pipe, and the loop's thread then competes with the
+        engine thread for the GIL once per request)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
         for req in progressed:
             new = req.output_ids[req.num_reported :]
             req.num_reported = len(req.output_ids)
@@ -216,9 +220,13 @@ class AsyncLLMEngine:
             if req.finished:
                 for hook in self.finish_hooks:
                     hook(req)
-            self._send(req.request_id, delta)
+            target = self._streams.get(req.request_id)
+            if target is not None:
+                batches.setdefault(target[0], []).append((target[1], delta))
             if req.finished:
                 self._streams.pop(req.request_id, None)
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_deliver, items)
 
     def _send(self, rid: str, delta: Delta) -> None:
         target = self._streams.get(rid)
@@ -279,3 +287,7 @@ class AsyncLLMEngine:
             raise AdapterError(f"runtime loading needs a directory adapter source, not {type(source).__name__}")
         return source
 
+
+def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
+    for deltas, delta in items:
+        deltas.put_nowait(delta)

@@ -4,17 +4,20 @@ its metadata, runs the model, and returns the logits of the requests that sample
 The flat batch is ordered by adapter slot, so each active adapter's tokens form one contiguous
 segment: the LoRA metadata is then a short list of (start, end, slot), built once per step.
 
-On CUDA (with triton) decode attention runs in the Triton kernel (decode tokens first in the batch,
-each part ordered by slot), and a step made only of decodes replays a CUDA graph captured for the
-smallest batch-size bucket that holds it (vLLM's "capture sizes"; `enforce_eager` turns this off).
-The graph reads static device buffers that the step rewrites in place: token ids, positions, KV
-slot rows, block tables, context lengths and the LoRA metadata (fixed capacity). Padding rows write
-their KV to a scratch row past the pool and attend to nothing. Nothing in the captured step syncs
-with the host; logits of the real rows are computed after the replay.
+On CUDA (with triton) the attention of the whole step, any mix of decode tokens and prefill chunks,
+is one Triton kernel (kernels/varlen_attention_triton.py), the elementwise work runs in fused kernels
+(kernels/fused_triton.py), and every step of at most `max_num_batched_tokens` (capped at 1024) tokens
+replays a CUDA graph captured for the smallest token bucket that holds it (vLLM's "capture sizes",
+extended to mixed steps; `enforce_eager` turns this off). The graph reads static device buffers that
+the step rewrites in place: token ids, positions, KV slot rows, the attention metadata (fixed
+capacity: max_num_seqs sequences) and the LoRA metadata (fixed capacity). Padding tokens write their
+KV to a scratch row past the pool; padding sequences have no tokens. Nothing in the captured step
+syncs with the host; logits of the sampling rows are computed after the replay.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +43,7 @@ class ModelRunner:
         max_model_len: int = 2048,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
+        max_num_batched_tokens: int = 1024,
     ):
         cfg = model.cfg
         self.model = model
@@ -50,8 +54,14 @@ class ModelRunner:
         self.max_blocks = -(-max_model_len // block_size)
         self.scratch_row = num_blocks * block_size  # padding rows of a captured step write their KV here
         self.use_graphs = self.use_triton and not enforce_eager
-        self.buckets = [b for b in GRAPH_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-        self.graphs: dict[int, _DecodeGraph] = {}
+        # fused elementwise kernels on the GPU; LORASCOPE_UNFUSED=1 keeps torch's ops (A/B benchmarks)
+        model.fused = self.use_triton and not os.environ.get("LORASCOPE_UNFUSED")
+        self.max_num_seqs = max_num_seqs
+        top = min(max_num_batched_tokens, GRAPH_BUCKETS[-1])
+        self.token_buckets = [b for b in GRAPH_BUCKETS if b < top] + [top]
+        self.graphs: dict[int, _StepGraph] = {}
+        self.graph_steps = 0  # steps replayed from a graph / run eagerly (benchmarks, tests)
+        self.eager_steps = 0
         self._pool: object | None = None
         rows = num_blocks * block_size + (block_size if self.use_triton else 0)
         shape = (rows, cfg.num_key_value_heads, cfg.head_dim)
@@ -59,6 +69,23 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
         ]
+        # TEST-ONLY fault injection (tests/test_verify.py: `lorascope verify` must catch a broken engine):
+        # LORASCOPE_TEST_FAULT_SWAP_ADAPTERS=A,B runs adapter A with B's slot and B with A's while both are
+        # resident. Read once here; without the variable `execute` is untouched.
+        if fault := os.environ.get("LORASCOPE_TEST_FAULT_SWAP_ADAPTERS"):
+            a, b = fault.split(",")
+            execute, swap = self.execute, {a: b, b: a}
+
+            def faulty(scheduled: list[tuple[Request, int]], slot_of: Callable[[str], int]) -> tuple[list[Request], torch.Tensor | None]:
+                def slot(name: str) -> int:
+                    try:
+                        return slot_of(swap.get(name, name))
+                    except KeyError:  # the other adapter is not resident: no swap possible
+                        return slot_of(name)
+
+                return execute(scheduled, slot)
+
+            self.execute = faulty  # type: ignore[method-assign]
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -73,13 +100,12 @@ class ModelRunner:
         def slot(item: tuple[Request, int]) -> int:
             return -1 if item[0].adapter is None else slot_of(item[0].adapter)
 
-        def is_decode(item: tuple[Request, int]) -> bool:
-            return item[1] == 1 and item[0].num_computed > 0
-
-        if self.use_graphs and scheduled and len(scheduled) <= self.buckets[-1] and all(map(is_decode, scheduled)):
-            return self._execute_graph(sorted(scheduled, key=slot), slot)
-        # the Triton decode kernel wants the decode tokens first; each part stays ordered by slot
-        items = sorted(scheduled, key=lambda it: (not is_decode(it), slot(it)) if self.use_triton else slot(it))
+        items = sorted(scheduled, key=slot)
+        num_tokens = sum(n for _, n in items)
+        if self.use_graphs and items and num_tokens <= self.token_buckets[-1] and len(items) <= self.max_num_seqs:
+            self.graph_steps += 1
+            return self._execute_graph(items, slot, num_tokens)
+        self.eager_steps += 1
         input_ids: list[int] = []
         positions: list[int] = []
         q_lens, kv_lens, tables = [], [], []
@@ -103,7 +129,7 @@ class ModelRunner:
                 sample_rows.append(start + n - 1)
                 samplers.append(req)
         attn = AttentionMetadata.build(q_lens, kv_lens, tables, self.block_size, self.model.cfg.sliding_window, self.device,
-                                       triton_decode=self.use_triton)
+                                       varlen=self.use_triton)
         ctx = StepContext(attn, self.kv_caches, self._lora_batch(segments) if segments else None)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
@@ -113,68 +139,92 @@ class ModelRunner:
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return samplers, self.model.compute_logits(hidden[rows]).float()
 
-    # --- the CUDA-graph decode step ---------------------------------------------------------------
+    # --- the CUDA-graph step ---------------------------------------------------------------------
 
-    def _execute_graph(self, items: list[tuple[Request, int]], slot: Callable[[tuple[Request, int]], int]
-                       ) -> tuple[list[Request], torch.Tensor]:
-        n = len(items)
-        bucket = next(b for b in self.buckets if b >= n)
+    def _execute_graph(self, items: list[tuple[Request, int]], slot: Callable[[tuple[Request, int]], int],
+                       num_tokens: int) -> tuple[list[Request], torch.Tensor | None]:
+        """Replay the graph of the smallest token bucket that holds the step (any mix of decode tokens
+        and prefill chunks); the step's tensors are written into the graph's static buffers."""
+        bucket = next(b for b in self.token_buckets if b >= num_tokens)
         graph = self.graphs.get(bucket) or self._capture(bucket)
         bs = self.block_size
-        host = np.zeros((4, bucket), dtype=np.int64)
-        host[2, n:] = self.scratch_row
-        tables = np.zeros((bucket, self.max_blocks), dtype=np.int32)
+        host = np.zeros((3, bucket), dtype=np.int64)  # ids, positions, KV rows
+        host[2, num_tokens:] = self.scratch_row
+        meta = np.zeros(tuple(graph.host_meta.shape), dtype=np.int32)  # per sequence: q_start, q_len, seq_len, table
+        meta[len(items) :, 0] = num_tokens  # padding sequences start at the end of the used tokens
         segments: list[tuple[int, int, int]] = []
-        for i, (req, _) in enumerate(items):
-            p = req.num_computed
-            table = req.block_table
-            used = p // bs + 1
-            host[0, i] = req.tokens(p, p + 1)[0]
-            host[1, i] = p
-            host[2, i] = table[p // bs] * bs + p % bs
-            host[3, i] = p + 1
-            tables[i, :used] = table[:used]
-            s = slot((req, 1))
+        samplers: list[Request] = []
+        sample_rows: list[int] = []
+        start = 0
+        for i, (req, n) in enumerate(items):
+            p0 = req.num_computed
+            end = start + n
+            pos = np.arange(p0, p0 + n)
+            table = np.asarray(req.block_table[: -(-(p0 + n) // bs)], dtype=np.int64)
+            host[0, start:end] = req.tokens(p0, p0 + n)
+            host[1, start:end] = pos
+            host[2, start:end] = table[pos // bs] * bs + pos % bs
+            meta[i, :3] = start, n, p0 + n
+            meta[i, 3 : 3 + len(table)] = table
+            s = slot((req, n))
             if s >= 0:
                 if segments and segments[-1][2] == s:
-                    segments[-1] = (segments[-1][0], i + 1, s)
+                    segments[-1] = (segments[-1][0], end, s)
                 else:
-                    segments.append((i, i + 1, s))
+                    segments.append((start, end, s))
+            if p0 + n == req.num_tokens:
+                samplers.append(req)
+                sample_rows.append(end - 1)
+            start = end
         # the pinned staging buffers are rewritten next step only after this step's logits reached
         # the host (sampling), so the asynchronous copies below have finished by then
         graph.host.copy_(torch.from_numpy(host))
-        graph.host_tables.copy_(torch.from_numpy(tables))
+        graph.host_meta.copy_(torch.from_numpy(meta))
         graph.dev.copy_(graph.host, non_blocking=True)
-        graph.dev_tables.copy_(graph.host_tables, non_blocking=True)
+        graph.dev_meta.copy_(graph.host_meta, non_blocking=True)
         if graph.lora_meta is not None and self.store is not None:
             store = self.store
             graph.lora_meta.update(segments, {m: store.ranks[m] for m in store.modules},
                                    {m: store.scales[m] for m in store.modules})
         graph.graph.replay()
-        return [req for req, _ in items], self.model.compute_logits(graph.hidden[:n]).float()
+        if not samplers:
+            return [], None
+        rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return samplers, self.model.compute_logits(graph.hidden[rows]).float()
 
-    def _capture(self, bucket: int) -> _DecodeGraph:
-        """Capture the decode step for `bucket` rows (padding rows only: lengths 0, scratch KV row)."""
+    def capture_all(self) -> None:
+        """Capture every token bucket now (warm-up), largest first, instead of on first use."""
+        if self.use_graphs:
+            for bucket in reversed(self.token_buckets):
+                if bucket not in self.graphs:
+                    self._capture(bucket)
+
+    def _capture(self, bucket: int) -> _StepGraph:
+        """Capture the step for `bucket` tokens with padding only (no sequence, every KV row the scratch
+        row): the kernels' grids depend on shapes alone, so it replays for any real step that fits."""
+        from lorascope.kernels.varlen_attention_triton import VarlenMetadata
+
         dev = self.device
-        host = torch.zeros(4, bucket, dtype=torch.long).pin_memory()
+        cap = min(self.max_num_seqs, bucket)  # a sequence has at least one token
+        host = torch.zeros(3, bucket, dtype=torch.long).pin_memory()
         host[2] = self.scratch_row
-        host_tables = torch.zeros(bucket, self.max_blocks, dtype=torch.int32).pin_memory()
+        host_meta = torch.zeros(cap, 3 + self.max_blocks, dtype=torch.int32).pin_memory()
         dev_buf = host.to(dev)
-        dev_tables = host_tables.to(dev)
+        dev_meta = host_meta.to(dev)
+        varlen = VarlenMetadata(packed=dev_meta, q_start=dev_meta[:, 0], q_len=dev_meta[:, 1], seq_lens=dev_meta[:, 2],
+                                block_tables=dev_meta[:, 3:], block_size=self.block_size)
         lora_meta = None
         if self.store is not None:
             from lorascope.kernels.lora_triton import LoRAMeta
 
             store = self.store
             lora_meta = LoRAMeta.build([], {m: store.ranks[m] for m in store.modules},
-                                       {m: store.scales[m] for m in store.modules}, dev, capacity=bucket, max_len_bound=bucket)
-        lens32 = torch.zeros(bucket, dtype=torch.int32, device=dev)
-        attn = AttentionMetadata(slot_mapping=dev_buf[2], triton_decode=True, decode_tables=dev_tables,
-                                 decode_lens=lens32, block_size=self.block_size, sliding_window=self.model.cfg.sliding_window)
+                                       {m: store.scales[m] for m in store.modules}, dev, capacity=cap, max_len_bound=bucket)
+        attn = AttentionMetadata(slot_mapping=dev_buf[2], varlen=varlen, block_size=self.block_size,
+                                 sliding_window=self.model.cfg.sliding_window)
         ctx = StepContext(attn, self.kv_caches, LoRABatch([], kernel_meta=lora_meta) if lora_meta is not None else None)
 
         def step() -> torch.Tensor:
-            lens32.copy_(dev_buf[3])  # int64 -> int32 inside the graph
             return self.model(dev_buf[0], dev_buf[1], ctx)
 
         stream = torch.cuda.Stream()
@@ -187,7 +237,7 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = step()
         self._pool = graph.pool()
-        captured = _DecodeGraph(graph, host, host_tables, dev_buf, dev_tables, lora_meta, hidden)
+        captured = _StepGraph(graph, host, host_meta, dev_buf, dev_meta, lora_meta, hidden)
         self.graphs[bucket] = captured
         return captured
 
@@ -204,18 +254,19 @@ class ModelRunner:
         return batch
 
 
-# decode batch sizes captured as CUDA graphs (vLLM-style), up to max_num_seqs
-GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# step sizes (tokens) captured as CUDA graphs, up to max_num_batched_tokens (vLLM's capture sizes,
+# extended to mixed steps: a decode batch plus a prefill chunk or two)
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
 
 
 @dataclass(slots=True)
-class _DecodeGraph:
+class _StepGraph:
     graph: torch.cuda.CUDAGraph
-    host: torch.Tensor  # pinned int64 [4, bucket]: ids, positions, KV rows, lengths
-    host_tables: torch.Tensor  # pinned int32 [bucket, max_blocks]
+    host: torch.Tensor  # pinned int64 [3, bucket]: ids, positions, KV rows
+    host_meta: torch.Tensor  # pinned int32 [capacity, 3 + max_blocks]: q_start, q_len, seq_len, block table
     dev: torch.Tensor  # the device copies the graph reads
-    dev_tables: torch.Tensor
-    lora_meta: object | None  # LoRAMeta with capacity = bucket
+    dev_meta: torch.Tensor
+    lora_meta: object | None  # LoRAMeta with the same capacity, max_len_bound = bucket
     hidden: torch.Tensor  # [bucket, hidden] output of the captured step
 
 

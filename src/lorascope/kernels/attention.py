@@ -7,7 +7,9 @@ The KV cache of one layer is two tensors [num_rows, kv_heads, head_dim], one row
 - each prefill chunk (q_len new tokens after kv_len - q_len cached ones) with its own SDPA.
 Causality and the optional sliding window are in the masks built by `AttentionMetadata.build`.
 
-On CUDA (`triton_decode=True`) the decode sequences go to the Triton kernel of attention_triton.py
+On CUDA the engine uses `varlen=True`: every sequence of the step, decode or prefill, goes to the one
+Triton kernel of varlen_attention_triton.py (its int32 metadata in `varlen`), the form a CUDA-graph
+captured mixed step reads. With `triton_decode=True` (tests, benchmarks) only the decode sequences go to the Triton kernel of attention_triton.py
 instead: their metadata is a block table [Bd, max_blocks] int32 and the context lengths [Bd] int32,
 O(blocks) host work instead of O(context) (the padded gather rows), fixed shapes, no host sync: the
 form a CUDA-graph-captured decode step reads (engine/runner.py keeps those tensors static).
@@ -16,10 +18,14 @@ form a CUDA-graph-captured decode step reads (engine/runner.py keeps those tenso
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from lorascope.kernels.varlen_attention_triton import VarlenMetadata
 
 
 @dataclass(slots=True)
@@ -43,6 +49,7 @@ class AttentionMetadata:
     decode_lens: torch.Tensor | None = None  # [Bd] int32, the new token included
     block_size: int = 16
     sliding_window: int | None = None
+    varlen: VarlenMetadata | None = None  # the whole step in the varlen kernel (varlen=True)
 
     @classmethod
     def build(
@@ -54,9 +61,21 @@ class AttentionMetadata:
         sliding_window: int | None,
         device: torch.device,
         triton_decode: bool = False,
+        varlen: bool = False,
     ) -> AttentionMetadata:
         """Metadata for sequences laid out one after another in the flat batch, in list order.
         With triton_decode, decode sequences (q_len 1, kv_len > 1) must come first."""
+        if varlen:
+            from lorascope.kernels.varlen_attention_triton import varlen_metadata
+
+            rows = np.concatenate([
+                np.asarray(t[: -(-kv // block_size)], dtype=np.int64)[np.arange(kv - q, kv) // block_size] * block_size
+                + np.arange(kv - q, kv) % block_size
+                for q, kv, t in zip(q_lens, kv_lens, block_tables, strict=True)
+            ])
+            return cls(slot_mapping=torch.from_numpy(rows).to(device, non_blocking=True), block_size=block_size,
+                       sliding_window=sliding_window,
+                       varlen=varlen_metadata(q_lens, kv_lens, block_tables, block_size, len(q_lens), device))
         slot_rows: list[int] = []
         decode_tokens: list[int] = []
         decode_rows: list[list[int]] = []
@@ -118,16 +137,23 @@ def _prefill_mask(q_len: int, kv_len: int, window: int | None, device: torch.dev
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, D]
-    k: torch.Tensor,  # [T, Hkv, D]
-    v: torch.Tensor,  # [T, Hkv, D]
+    k: torch.Tensor | None,  # [T, Hkv, D]; None: the new tokens' K/V are already in the cache
+    v: torch.Tensor | None,  # [T, Hkv, D]
     k_cache: torch.Tensor,  # [rows, Hkv, D]
     v_cache: torch.Tensor,  # [rows, Hkv, D]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # [T, H, D]
-    k_cache[meta.slot_mapping] = k
-    v_cache[meta.slot_mapping] = v
+    if k is not None and v is not None:
+        k_cache[meta.slot_mapping] = k
+        v_cache[meta.slot_mapping] = v
     out = torch.empty_like(q)
+    if meta.varlen is not None:
+        from lorascope.kernels.varlen_attention_triton import paged_varlen_attention
+
+        v = meta.varlen
+        return paged_varlen_attention(q, k_cache, v_cache, v.q_start, v.q_len, v.seq_lens, v.block_tables, scale,
+                                      meta.block_size, meta.sliding_window, out=out)
     if meta.decode_lens is not None:
         from lorascope.kernels.attention_triton import paged_decode_attention
 

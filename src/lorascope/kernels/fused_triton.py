@@ -57,7 +57,8 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
     _add_rmsnorm_kernel[(t,)](
         residual, residual if delta is None else delta, weight, out, h, eps,
         residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
-        HAS_DELTA=delta is not None, BLOCK=block, num_warps=min(16, max(4, block // 512)),
+        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
+        num_warps=min(16, max(4, block // 512)),
     )
     return out
 
@@ -72,7 +73,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return out
     block = 1024
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                                 BLOCK=block, num_warps=4)
+                                                 BLOCK=block, BF16=gate.dtype == torch.bfloat16, num_warps=4)
     return out
 
 
@@ -103,15 +104,28 @@ def rope_and_cache(
     _rope_cache_kernel[(t, heads + kv_heads)](
         q, k, v, cos, sin, positions, slot_mapping, k_cache, v_cache,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), v_cache.stride(0),
-        heads, HALF=half, BLOCK=_next_pow2(half), num_warps=1 if half <= 64 else 2,
+        heads, HALF=half, BLOCK=_next_pow2(half), BF16=q.dtype == torch.bfloat16,
+        num_warps=1 if half <= 64 else 2,
     )
 
 
 if HAS_TRITON:
 
     @triton.jit
+    def _round_to(x, dtype: tl.constexpr, BF16: tl.constexpr):
+        """float32 x rounded to `dtype` (ties to even), returned as float32. bfloat16 with integer ops:
+        written `x.to(bf16).to(f32)`, the round trip was dropped on the H200 (products then fused into
+        the following add, 1 ulp off torch in ~12% of rotary's elements); the interpreter truncates."""
+        if BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return x.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _add_rmsnorm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, n, eps, stride_res, stride_delta, stride_out,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -121,25 +135,26 @@ if HAS_TRITON:
             tl.store(res_ptr + row * stride_res + cols, x, mask=mask)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
         dtype = out_ptr.dtype.element_ty
-        normed = (x * rstd).to(dtype).to(tl.float32)
+        normed = _round_to(x * rstd, dtype, BF16)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (w * normed).to(dtype), mask=mask)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_out, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_out, BLOCK: tl.constexpr,
+                         BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         dtype = out_ptr.dtype.element_ty
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+        s = _round_to(g / (1.0 + tl.exp(-g)), dtype, BF16)
         tl.store(out_ptr + row * stride_out + cols, (s * u).to(dtype), mask=mask)
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr,
                            stride_q, stride_k, stride_v, stride_cs, stride_kc, stride_vc, heads,
-                           HALF: tl.constexpr, BLOCK: tl.constexpr):
+                           HALF: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -147,10 +162,10 @@ if HAS_TRITON:
         pos = tl.load(pos_ptr + tok).to(tl.int64)
         dtype = q_ptr.dtype.element_ty
         # cos/sin rounded to the dtype first, as Rotary.forward's `.to(x.dtype)`
-        c1 = tl.load(cos_ptr + pos * stride_cs + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        c2 = tl.load(cos_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s1 = tl.load(sin_ptr + pos * stride_cs + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
-        s2 = tl.load(sin_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0).to(dtype).to(tl.float32)
+        c1 = _round_to(tl.load(cos_ptr + pos * stride_cs + cols, mask=mask, other=0.0), dtype, BF16)
+        c2 = _round_to(tl.load(cos_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0), dtype, BF16)
+        s1 = _round_to(tl.load(sin_ptr + pos * stride_cs + cols, mask=mask, other=0.0), dtype, BF16)
+        s2 = _round_to(tl.load(sin_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0), dtype, BF16)
         if head < heads:
             src = q_ptr + tok * stride_q + head * (2 * HALF)
             dst = src
@@ -166,7 +181,7 @@ if HAS_TRITON:
         x1 = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + cols, mask=mask, other=0.0).to(tl.float32)
         # out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
-        o1 = ((x1 * c1).to(dtype).to(tl.float32) + (-x2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        o2 = ((x2 * c2).to(dtype).to(tl.float32) + (x1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        o1 = (_round_to(x1 * c1, dtype, BF16) + _round_to(-x2 * s1, dtype, BF16)).to(dtype)
+        o2 = (_round_to(x2 * c2, dtype, BF16) + _round_to(x1 * s2, dtype, BF16)).to(dtype)
         tl.store(dst + cols, o1, mask=mask)
         tl.store(dst + HALF + cols, o2, mask=mask)

@@ -96,6 +96,23 @@ class LoRALinear(nn.Module):
         return y
 
 
+def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext) -> list[torch.Tensor]:
+    """Several LoRA-capable linears that read the same x (q/k/v, gate/up). With the Triton LoRA op
+    (CUDA), their LoRA deltas go through one shrink and one expand launch for all of them
+    (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own."""
+    meta = ctx.lora.kernel_meta if ctx.lora is not None else None
+    if meta is None:
+        return [lin(x, ctx) for lin in lins]
+    from lorascope.kernels.lora_triton import lora_multi_triton
+
+    ys = [F.linear(x, lin.weight, lin.bias) for lin in lins]
+    targets = [(y, lin.store.a[lin.key], lin.store.b[lin.key], meta[lin.key[1]])
+               for lin, y in zip(lins, ys) if lin.store is not None and lin.key in lin.store.a]
+    if targets:
+        lora_multi_triton(x, targets)
+    return ys
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, rotary: Rotary):
         super().__init__()
@@ -110,9 +127,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x, ctx).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x, ctx).view(t, self.kv_heads, self.head_dim)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), ctx)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer]
         rotary = self.rotary[0]
         if fused:  # rotary of q (in place) and k, and the K/V cache writes, in one launch
@@ -132,7 +150,7 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False, layer, "down_proj")
 
     def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
-        gate, up = self.gate_proj(x, ctx), self.up_proj(x, ctx)
+        gate, up = project(x, (self.gate_proj, self.up_proj), ctx)
         return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
 
 
