@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "analysis": {"results", "loadgen", "config"},  # loadgen: the working-set model and the traffic laws
     "bench": {"adapters", "loadgen", "model", "results", "config"},
     "experiment": {"loadgen", "results", "config"},
-    "sweep": {"bench", "experiment", "adapters", "loadgen", "model", "results", "analysis", "config"},
+    "sweep": {"bench", "experiment", "adapters", "loadgen", "model", "results", "analysis", "verifycmd", "config"},
     "tunecmd": {"analysis", "bench", "loadgen", "config"},
+    "verify": {"reference", "model", "config"},  # the audit's logic: references, classification
+    "verifycmd": {"verify", "bench", "adapters", "loadgen", "model", "config"},  # drives an engine over HTTP
     "cli": {"*"},
     "__init__": {"engine", "config"},
 }

@@ -233,6 +233,8 @@ def run(
     show_spec: Annotated[bool, typer.Option(help="print the spec (TOML) and its cells, run nothing")] = False,
     report: Annotated[bool, typer.Option(help="draw figures and report.html at the end")] = True,
     progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+    verify: Annotated[bool, typer.Option("--verify", help="first run `lorascope verify` on the run's engine: "
+                                         "a correctness stamp on the report (exit 1 when it fails)")] = False,
 ) -> None:
     """The main job: every cell of a spec (fresh server each), recorded per request; then the report."""
     import sys
@@ -268,16 +270,19 @@ def run(
         run_dir = out or Path("runs") / f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         start_run(plan, run_dir, sys.argv)
         console.print(f"run directory: {run_dir} ({len(plan.runs())} cell runs; resume with `lorascope run --resume {run_dir}`)")
-    result = run_experiment(run_dir, progress=progress, report=report, console=console)
+    result = run_experiment(run_dir, progress=progress, report=report, console=console, verify=verify)
     _print_run(run_dir)
     console.print(f"measured {result.ran} cell runs ({result.skipped} were already finished) in {run_dir}")
     if result.report:
         console.print(f"report: {result.report}")
+    if result.verify is not None and result.verify != "pass":
+        console.print(f"[red]verify: {result.verify}[/red] (see {run_dir / 'verify.json'} and the stamp on report.html)")
     if result.failed:
         console.print(f"[red]{len(result.failed)} cell runs failed[/red] (see {run_dir / 'failures'}; "
                       f"`lorascope run --resume {run_dir}` retries them):")
         for line in result.failed:
             console.print(f"  {line}", markup=False)
+    if result.failed or (result.verify is not None and result.verify != "pass"):
         raise typer.Exit(1)
 
 
@@ -317,6 +322,10 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory (from r
 from lorascope.tunecmd import tune as _tune  # noqa: E402  (a thin command; its module imports lazily)
 
 app.command("tune")(_clean_errors(_tune))
+
+from lorascope.verifycmd import verify as _verify  # noqa: E402
+
+app.command("verify")(_clean_errors(_verify))
 
 
 def main() -> None:

@@ -11,6 +11,11 @@ retries it.
 Adapters are made once per rank (the largest N of the grid) under `adapters/pool-rRANK/`; a cell
 with N adapters serves `adapters/rRANK-nN/`, a directory of links to the first N of them, so every
 server is given exactly the adapters its cell names.
+
+With `verify` (`lorascope run --verify`), `lorascope verify` runs once before the cells on the run's
+engine, model and first VERIFY_ADAPTERS adapters of the first cell's pool, and writes `verify.json`,
+which the report shows as a correctness stamp on its first page. Recorded in the manifest, so a
+resumed run verifies too when it had not finished doing so.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import os
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +41,7 @@ from lorascope.model.weights import DTYPES, load_model, resolve_config, save_mod
 from lorascope.results.records import finished_cells
 from lorascope.results.rundir import finish_manifest, write_cells_csv, write_manifest
 
+VERIFY_ADAPTERS = 6  # adapters `run --verify` checks (K=2 prompts x 16 tokens each, and the base model)
 SERVER_MODE = "fresh server per cell x repetition (started before its warm-up, stopped after its last request)"
 
 
@@ -46,6 +52,7 @@ class RunResult:
     skipped: int = 0  # already finished before this call
     failed: list[str] = field(default_factory=list)
     report: Path | None = None
+    verify: str | None = None  # the verdict of `--verify` (pass | fail | error), None when not asked
 
 
 def resolve_auto(spec: ExperimentSpec) -> ExperimentSpec:
@@ -86,11 +93,17 @@ def resume_spec(out: Path) -> ExperimentSpec:
     return ExperimentSpec.from_dict(manifest["spec"], f"{path} spec")
 
 
-def run_experiment(out: Path, progress: bool = True, report: bool = True, console: Console | None = None) -> RunResult:
-    """Measure every unfinished cell x repetition of the run directory's spec, then draw the report."""
+def run_experiment(out: Path, progress: bool = True, report: bool = True, console: Console | None = None,
+                   verify: bool = False) -> RunResult:
+    """Measure every unfinished cell x repetition of the run directory's spec, then draw the report
+    (first `verify`ing the engine when asked now or when the run was started with it)."""
     console = console or Console(stderr=True)
     spec = resume_spec(out)
     result = RunResult(out)
+    if verify:
+        _update_manifest(out, verify=True)
+    if verify or json.loads((out / "manifest.json").read_text()).get("verify"):
+        result.verify = _verify(spec, out, console)
     done = finished_cells(out)
     runs = spec.runs()
     todo = [(c, rep) for c, rep in runs if (c.cell_id, rep) not in done]
@@ -132,6 +145,34 @@ def run_experiment(out: Path, progress: bool = True, report: bool = True, consol
 
         result.report = build_report(out)
     return result
+
+
+def _verify(spec: ExperimentSpec, out: Path, console: Console) -> str:
+    """`lorascope verify` on the run's engine, model and first adapters, into out/verify.json (once)."""
+    path = out / "verify.json"
+    if path.exists() and json.loads(path.read_text()).get("verdict") in ("pass", "fail"):
+        return str(json.loads(path.read_text())["verdict"])  # done before this resume; an error is retried
+    from lorascope.verifycmd import VerifySpec, run_verify
+
+    cell = spec.cells()[0]
+    try:
+        model_path = _model_for(spec, out)
+        largest = max(c.adapters for c in spec.cells() if c.rank == cell.rank)
+        _adapter_set(spec, cell, model_path, out)  # makes the rank's pool
+        adapters = _adapter_set(spec, replace(cell, adapters=max(1, min(VERIFY_ADAPTERS, largest))), model_path, out)
+        vspec = VerifySpec(adapters_dir=adapters, engine=cell.engine, model=model_path, prompts=2, tokens=16,
+                           dtype=spec.dtype, device=spec.device, url=spec.url, vllm_cmd=spec.vllm_cmd,
+                           sglang_cmd=spec.sglang_cmd)
+        console.print(f"verify: {cell.engine} on {model_path} with {len(list_adapter_dirs(adapters))} adapters")
+        result = run_verify(vspec, out, lambda line: console.print(f"  verify: {line}", markup=False))
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # the cells still run; the report says the run is not verified, and why
+        result = {"verdict": "error", "summary": f"verify could not run: {type(e).__name__}: {str(e)[:500]}"}
+        path.write_text(json.dumps(result, indent=1))
+    color = {"pass": "green", "fail": "red"}.get(result["verdict"], "yellow")
+    console.print(f"verify: {result['summary']}", style=color, markup=False)
+    return str(result["verdict"])
 
 
 def _bench_spec(spec: ExperimentSpec, cell: Cell, rep: int, model_path: str) -> BenchSpec:

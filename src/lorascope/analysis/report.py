@@ -1,7 +1,8 @@
 """report.html: one self-contained page per run directory (figures inlined as data URIs, no external
 CSS, JS or images; readable offline), rebuilt from the files alone.
 
-Sections: the manifest; warnings; a summary table (one row per parameter group, repetitions
+Sections: the correctness stamp (from verify.json, when the run was verified: `run --verify`); the
+manifest; warnings; a summary table (one row per parameter group, repetitions
 aggregated with 95% CIs); headline findings computed from the cells that exist; the figures (or why
 one was skipped); the max_loras recommendation (measured best region and the working-set model);
 this run beside the published study; what is not measured.
@@ -312,6 +313,46 @@ def not_measured(data: RunData) -> list[str]:
     return notes
 
 
+def verify_stamp(run_dir: Path) -> dict[str, Any] | None:
+    """The correctness stamp from `verify.json` (`lorascope run --verify`), or None when the run has none.
+
+    Read as data (this package never imports the engine side): the verdict, its one-line summary, and
+    one row per model with what its answers were under each setting.
+    """
+    path = Path(run_dir) / "verify.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        return {"verdict": "error", "summary": f"verify.json is unreadable ({exc})", "settings": [], "rows": [],
+                "findings": [], "engine": "?"}
+    settings = [str(s.get("name")) for s in data.get("settings") or []]
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for o in data.get("outcomes") or []:
+        by.setdefault((str(o.get("model")), str(o.get("setting"))), []).append(o)
+    models = sorted({m for m, _ in by}, key=lambda m: (m != "(base)", m))
+    rows = [[m, *[_verify_cell(by.get((m, s), [])) for s in settings]] for m in models]
+    findings = [o for o in data.get("outcomes") or [] if o.get("status") != "pass"][:40]
+    for a in data.get("ambiguous") or []:
+        findings.append({"setting": "reference", "model": ", ".join(a.get("models", [])), "prompt": a.get("prompt"),
+                         "status": "ambiguous", "got": [], "detail": "these references coincide for this prompt"})
+    return {"verdict": str(data.get("verdict", "error")), "summary": str(data.get("summary", "")), "settings": settings,
+            "rows": rows, "findings": findings,
+            "engine": f"{data.get('engine', '?')} {data.get('engine_version', '')}".strip()}
+
+
+def _verify_cell(outcomes: list[dict[str, Any]]) -> str:
+    ok = sum(o.get("status") == "pass" for o in outcomes)
+    parts = []
+    for status in ("contaminated_base", "wrong_adapter", "wrong_output", "error", "drift"):
+        found = [o for o in outcomes if o.get("status") == status]
+        if found:
+            got = sorted({"/".join(o.get("got") or []) for o in found} - {""})
+            parts.append(f"{len(found)} {status.replace('_', ' ')}" + (f" ({', '.join(got)})" if got else ""))
+    return "; ".join([*parts, f"ok {ok}/{len(outcomes)}"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The page.
 
@@ -334,9 +375,25 @@ figcaption { font-size: .9em; color: #444; margin-top: .3em; }
 .skip { color: #775; font-style: italic; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 .muted { color: #666; font-size: .9em; }
+.stamp { border: 2px solid; padding: .6em 1em; margin: 1em 0; }
+.stamp.pass { border-color: #2a8a2a; background: #eef8ee; } .stamp.fail, .stamp.error { border-color: #c02020; background: #fdeeee; }
+.stamp b.v { font-size: 1.2em; }
 </style></head>
 <body>
 <h1>{{ title }}</h1>
+{% if verify %}<div class="stamp {{ verify.verdict }}" id="verify"><b class="v">{% if verify.verdict == "pass" %}Correctness: VERIFIED
+{% elif verify.verdict == "fail" %}Correctness: FAILED{% else %}Correctness: NOT VERIFIED{% endif %}</b>
+({{ verify.engine }}; <code>lorascope verify</code>: HF transformers + PEFT references, mixed batches): {{ verify.summary }}
+{% if verify.rows %}<details{% if verify.verdict != "pass" %} open{% endif %}><summary>Per model and setting (verify.json)</summary>
+<table><tr><th class="l">model</th>{% for s in verify.settings %}<th>{{ s }}</th>{% endfor %}</tr>
+{% for row in verify.rows %}<tr>{% for c in row %}<td class="l">{{ c }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% if verify.findings %}<table><tr><th class="l">setting</th><th class="l">model</th><th>prompt</th><th class="l">finding</th>
+<th class="l">equals / closest</th><th class="l">detail</th></tr>
+{% for f in verify.findings %}<tr><td class="l">{{ f.setting }}</td><td class="l">{{ f.model }}</td><td>{{ f.prompt }}</td>
+<td class="l">{{ f.status }}</td><td class="l">{{ (f.got or []) | join(", ") }}</td><td class="l">{{ f.detail }}</td></tr>
+{% endfor %}</table>{% endif %}</details>{% endif %}</div>
+{% else %}<p class="muted">Correctness not verified in this run (<code>lorascope run --verify</code> adds the stamp).</p>{% endif %}
 <p class="muted">Generated by lorascope {{ version }} from the files of <code>{{ run_dir }}</code>; rebuild with
 <code>lorascope report {{ run_dir }}</code>.</p>
 
@@ -437,7 +494,7 @@ def build_report(run_dir: Path) -> Path:
         warnings=[str(w) for w in warnings], summary_header=summary_header, summary_rows=summary,
         findings=findings(data), figures=figures, recs=recs, rec_note=rec_note,
         study_setup=STUDY_SETUP, this_setup=f"{models} on {hardware(manifest)} with the {engines} engine",
-        study_header=study_header, study_rows=study, not_measured=not_measured(data),
+        study_header=study_header, study_rows=study, not_measured=not_measured(data), verify=verify_stamp(run_dir),
     )
     path = run_dir / "report.html"
     tmp = path.with_suffix(".html.tmp")
@@ -446,4 +503,4 @@ def build_report(run_dir: Path) -> Path:
     return path
 
 
-__all__ = ["FIGURES", "build_report", "findings", "recommendations", "study_rows", "summary_rows"]
+__all__ = ["FIGURES", "build_report", "findings", "recommendations", "study_rows", "summary_rows", "verify_stamp"]
