@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,9 @@ from lorascope.engine.request import Request
 from lorascope.engine.sampling import SamplingParams
 
 T = TypeVar("T")
+
+
+_SWITCH_INTERVAL_S = 0.0005
 
 
 class OverloadedError(RuntimeError):
@@ -90,6 +94,11 @@ class AsyncLLMEngine:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        # The engine thread shares the GIL with the event loop's thread (clients, HTTP) and the adapter
+        # loader threads; at Python's default 5 ms switch interval a ready thread can wait that long
+        # for the GIL. A serving process runs one engine: lower the interval for it (never raise it).
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="lorascope-engine", daemon=True)
             self._thread.start()
