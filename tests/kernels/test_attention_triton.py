@@ -271,7 +271,7 @@ def test_op_rejects_bad_inputs_before_launching() -> None:
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="import triton failed: install it (pip install --no-deps triton) to run the interpreter tests")
-@pytest.mark.skipif(INTERPRETED, reason="already inside the interpreter run")
+@pytest.mark.skipif(INTERPRETED or HAS_CUDA, reason="inside the interpreter run, or the kernels run natively on CUDA")
 def test_kernels_under_triton_interpreter() -> None:
     """Run every test_kernel_* above on the CPU through Triton's interpreter, in a fresh process."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
