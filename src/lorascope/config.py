@@ -35,7 +35,11 @@ class EngineConfig:
     kv_cache_gb: float | None = None  # None: 0.5 GiB on CPU, 90% of free memory on CUDA
     # scheduling
     policy: str = "fair"
-    fair_max_wait_steps: int = 64
+    # fair (policies.py): a request waiting W steps borrows a slot for its first step; one parked
+    # P steps takes the slot of an adapter that has held it for Q steps
+    fair_max_wait_steps: int = 16
+    fair_max_park_steps: int = 256
+    fair_quantum_steps: int = 64
     prefetch_lookahead: int = 64
     loader_threads: int = 2
     # CUDA: decode steps replay CUDA graphs per batch-size bucket unless this is set (vLLM's name)
@@ -49,7 +53,7 @@ class EngineConfig:
 
         for name in (
             "max_loras", "max_lora_rank", "max_num_seqs", "max_num_batched_tokens", "block_size",
-            "fair_max_wait_steps", "loader_threads",
+            "fair_max_wait_steps", "fair_max_park_steps", "fair_quantum_steps", "loader_threads",
         ):
             positive(name)
         if self.max_cpu_loras is None:

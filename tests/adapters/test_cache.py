@@ -1,5 +1,7 @@
 """The tiered adapter cache: LRU/FIFO order and counters for both tiers, referenced adapters never
-evicted, and loads beside the step: a running decode keeps producing tokens during a slow load."""
+evicted (time-sliced: only the slots the current step uses are kept, and the host tier keeps every
+referenced adapter), and loads beside the step: a running decode keeps producing tokens during a
+slow load."""
 
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ def adapters(tmp_path_factory, model_dir):
     return {p.name: p for p in paths}
 
 
-def make_cache(adapters, max_loras: int, max_cpu_loras: int, eviction: str = "lru") -> AdapterCache:
+def make_cache(adapters, max_loras: int, max_cpu_loras: int, eviction: str = "lru", time_sliced: bool = False) -> AdapterCache:
     cfg = PRESETS["tiny"]
     store = LoRASlotStore(cfg, max_loras, 8, torch.float32, torch.device("cpu"), ("q_proj", "v_proj"))
-    return AdapterCache(DirectorySource(adapters), cfg, store, max_cpu_loras, eviction)
+    return AdapterCache(DirectorySource(adapters), cfg, store, max_cpu_loras, eviction, time_sliced=time_sliced)
 
 
 def load(cache: AdapterCache, name: str) -> None:
@@ -82,6 +84,43 @@ def test_referenced_and_protected_adapters_stay(adapters) -> None:
     assert cache.request_load(c)  # b is evictable now
     load(cache, c)
     assert cache.resident == {a, c}
+    cache.close()
+
+
+def test_time_sliced_slots_are_kept_only_for_the_step_that_uses_them(adapters) -> None:
+    """Time-sliced (the fair policy): an adapter with running requests may lose its device slot
+    between steps, never during a step that uses it, and it stays on the host tier."""
+    a, b, c = sorted(adapters)[:3]
+    cache = make_cache(adapters, max_loras=2, max_cpu_loras=2, time_sliced=True)
+    load(cache, a)
+    load(cache, b)
+    cache.acquire(a)
+    cache.acquire(b)
+    cache.begin_step()
+    cache.use(a)
+    cache.use(b)
+    assert not cache.request_load(c), "both slots are read by this step"
+    cache.begin_step()
+    cache.use(b)
+    assert cache.request_load(c), "a is referenced but not used by this step: its slot may go"
+    load(cache, c)
+    assert cache.resident == {b, c} and cache.refs[a] == 1
+    assert {a, b} <= set(cache.host), "the host tier dropped an adapter that running requests need"
+    assert len(cache.host) == 3, "max_cpu_loras 2, held one more for the referenced adapters"
+    with pytest.raises(RuntimeError, match="before it was ready"):
+        cache.use(a)
+    cache.close()
+
+
+def test_referenced_adapters_keep_their_slots_without_time_slicing(adapters) -> None:
+    a, b = sorted(adapters)[:2]
+    cache = make_cache(adapters, max_loras=1, max_cpu_loras=2)
+    load(cache, a)
+    cache.acquire(a)
+    cache.begin_step()  # a not used by this step, but referenced: the vllm policy keeps it
+    assert not cache.request_load(b)
+    cache.release(a)
+    assert cache.request_load(b)
     cache.close()
 
 

@@ -1,16 +1,20 @@
-"""The two admission policies, measured: max_loras=2, a queue spread over 8 adapters, and a stream
-of new requests for two hot adapters arriving every step.
+"""The two admission policies, measured in steps: max_loras=2, a queue spread over 8 adapters, and a
+stream of new requests for two hot adapters arriving every step. Every test waits for the adapter
+loads after each step (`step` below), so a load takes exactly one step (L) and a run is the same
+on a loaded machine as on an idle one.
 
 - `vllm`: cold requests are skipped while the hot adapters hold the cap, so their wait grows with
   the number of hot requests that keep arriving (the starvation vLLM's own comment warns of).
-- `fair`: once overdue, nothing that arrived later goes ahead; every wait stays under the stated
-  bound W + cycles x (D + L), where the cycles depend only on the queue ahead of the request,
-  never on what arrives after it.
+- `fair`: the slots are time-sliced. A waiting request overdue after W steps borrows a slot for its
+  first step; a running request parked for P steps takes a slot held for Q steps or more. Neither
+  waits longer than the stated bounds (policies.py), which count only the adapters overdue before
+  it, never what arrives later.
 """
 
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import pytest
 
@@ -19,122 +23,169 @@ from lorascope.adapters.synthetic import make_adapters
 
 MAX_LORAS = 2
 MAX_SEQS = 8
+ADAPTERS = 8
 W = 16  # fair_max_wait_steps
+P = 32  # fair_max_park_steps
+Q = 4  # fair_quantum_steps
+L = 1  # steps a load takes here: started in a step's plan, waited for, ready at the next step
 TOKENS = 8  # each request: one prefill step + 7 decode steps
-D = TOKENS + 1  # steps one request occupies, with a step of slack for its admission
-L = 4  # allowance in steps for an adapter load running beside the steps
+PROMPT = list(range(1, 9))
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, model_dir):
     mdir = model_dir("tiny")
     root = tmp_path_factory.mktemp("policy-adapters")
-    paths = make_adapters(root, str(mdir), 8, 8, ["q_proj", "v_proj"])
+    paths = make_adapters(root, str(mdir), ADAPTERS, 8, ["q_proj", "v_proj"])
     return mdir, {p.name: p for p in paths}
 
 
-def drive(setup, policy: str, hot_steps: int):
+def make_llm(setup, policy: str, max_loras: int = MAX_LORAS, max_num_seqs: int = MAX_SEQS) -> LLM:
     mdir, adapters = setup
-    names = sorted(adapters)
-    llm = LLM(str(mdir), adapters, max_loras=MAX_LORAS, max_cpu_loras=8, max_lora_rank=8, max_num_seqs=MAX_SEQS,
-              policy=policy, fair_max_wait_steps=W)
+    return LLM(str(mdir), adapters, max_loras=max_loras, max_cpu_loras=ADAPTERS, max_lora_rank=8, max_num_seqs=max_num_seqs,
+               policy=policy, fair_max_wait_steps=W, fair_max_park_steps=P, fair_quantum_steps=Q)
+
+
+def step(llm: LLM, ran: dict) -> None:
+    """One engine step, then wait for the loads it started (deterministic: a load takes one step).
+    `ran` collects, per request, the steps in which it was scheduled (each one yields a token here:
+    prompts fit one chunk)."""
+    eng = llm.engine
+    for req in eng.step():
+        ran.setdefault(req, []).append(eng.scheduler.step)
+    eng.cache.settle()
+
+
+def drive(setup, policy: str, hot_steps: int, max_num_seqs: int = MAX_SEQS):
+    names = sorted(setup[1])
+    llm = make_llm(setup, policy, max_num_seqs=max_num_seqs)
     eng = llm.engine
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-    prompt = list(range(1, 9))
-    cold = [eng.add_request(prompt, params, names[i % 8]) for i in range(16)]
+    cold = [eng.add_request(PROMPT, params, names[i % ADAPTERS]) for i in range(16)]
     hot = []
-    step = 0
-    while eng.has_unfinished() or step < hot_steps:
-        if step < hot_steps:
-            hot.append(eng.add_request(prompt, params, names[step % 2]))
-        eng.step()
-        step += 1
-        assert step < 5000, "the engine stopped making progress"
+    ran: dict = {}
+    while eng.has_unfinished() or eng.scheduler.step < hot_steps:
+        if eng.scheduler.step < hot_steps:
+            hot.append(eng.add_request(PROMPT, params, names[eng.scheduler.step % 2]))
+        step(llm, ran)
+        assert eng.scheduler.step < 5000, "the engine stopped making progress"
     llm.close()
     assert all(r.finish_reason == "length" for r in cold + hot)
-    return cold, hot, eng
+    return cold, hot, eng, ran
 
 
-def fair_bound(req, everyone) -> int:
-    """The stated bound: W steps to become overdue, then drain cycles of at most D + L steps each,
-    as many as the queue *ahead* of it needs (seats and slots), plus one for what is running.
-    The queue ahead: requests that arrived no later and were still waiting when it arrived."""
-    ahead = [r for r in everyone if r.arrival_step <= req.arrival_step and r.admitted_step >= req.arrival_step]
-    cycles = math.ceil(len(ahead) / MAX_SEQS) + math.ceil(len({r.adapter for r in ahead}) / MAX_LORAS) + 1
-    return W + cycles * (D + L)
+def wait_bound(k: int) -> int:
+    """policies.py: a waiting request starts within W + ceil(k / max_loras) x (2L + 2) + L steps."""
+    return W + math.ceil(k / MAX_LORAS) * (2 * L + 2) + L
+
+
+def park_bound(k: int) -> int:
+    """policies.py: a running request is parked at most P + ceil(k / max_loras) x (Q + L) + 2L + 2 steps."""
+    return P + math.ceil(k / MAX_LORAS) * (Q + L) + 2 * L + 2
+
+
+def longest_gap(steps: list[int]) -> int:
+    return max((b - a - 1 for a, b in pairwise(steps)), default=0)
 
 
 def test_vllm_policy_skips_and_waits_grow_with_the_queue(setup) -> None:
     waits = {}
     for hot_steps in (40, 120):
-        cold, hot, eng = drive(setup, "vllm", hot_steps)
+        cold, hot, eng, _ = drive(setup, "vllm", hot_steps)
         starved = [r for r in cold if r.adapter not in {hot[0].adapter, hot[1].adapter}]
         assert sum(r.skipped for r in starved) > 0
         assert sum(s.skipped for s in eng.steps) > 0
         assert max(s.num_adapters for s in eng.steps) <= MAX_LORAS
+        assert sum(s.parked for s in eng.steps) == 0, "vllm never parks a running request"
         waits[hot_steps] = max(r.wait_steps for r in starved)
     assert waits[40] >= 40, "cold adapters should wait out the hot stream under vLLM's rule"
     assert waits[120] >= waits[40] + 60, f"waits did not grow with the queue: {waits}"
 
 
-def test_fair_policy_keeps_every_wait_under_its_bound(setup) -> None:
-    worst = {}
+def test_fair_policy_keeps_every_wait_and_every_gap_under_its_bound(setup) -> None:
+    """Seats to spare: every request starts within wait_bound(8) steps of its arrival and, once
+    running, is never parked longer than park_bound(8) steps (8 adapters in flight at most)."""
     for hot_steps in (40, 120):
-        cold, hot, eng = drive(setup, "fair", hot_steps)
+        cold, hot, eng, ran = drive(setup, "fair", hot_steps, max_num_seqs=64)
         everyone = cold + hot
         for r in everyone:
-            assert r.wait_steps <= fair_bound(r, everyone), (
-                f"{r.request_id} ({r.adapter}) waited {r.wait_steps} steps > bound {fair_bound(r, everyone)}"
-            )
-        # once a request is overdue, later arrivals go ahead of it only while its adapter is loading
-        # (room left over once its seat, blocks and slot are secured): at most L steps before it
-        for r in everyone:
-            if r.wait_steps > W:
-                overtakers = [o for o in everyone if o.arrival_step > r.arrival_step
-                              and r.arrival_step + W < o.admitted_step < r.admitted_step - L]
-                assert not overtakers, f"{r.request_id} was overtaken while overdue by {overtakers[0].request_id}"
+            assert r.wait_steps <= wait_bound(ADAPTERS), f"{r.request_id} ({r.adapter}) waited {r.wait_steps} steps"
+            assert len(ran[r]) == TOKENS and ran[r][0] == r.admitted_step
+            gap = longest_gap(ran[r])
+            assert gap <= park_bound(ADAPTERS), f"{r.request_id} ({r.adapter}) was parked {gap} steps in a row"
         assert max(s.num_adapters for s in eng.steps) <= MAX_LORAS
+        # not vacuous: cold requests started on loans (waited past W), and running requests were parked
+        assert max(r.wait_steps for r in cold) > W
+        assert sum(s.parked for s in eng.steps) > 0 and max(longest_gap(ran[r]) for r in everyone) > 0
+
+
+def test_fair_waits_do_not_grow_with_the_hot_stream(setup) -> None:
+    """Seats scarce (8): the cold queue's worst wait is the same whether 40 or 120 hot requests
+    arrive after it: an overdue request that lacks a seat pauses admissions until it has one."""
+    worst = {}
+    for hot_steps in (40, 120):
+        cold, _, _, _ = drive(setup, "fair", hot_steps)
         worst[hot_steps] = max(r.wait_steps for r in cold)
-    assert worst[120] <= worst[40] + L, f"fair waits grew with the hot stream: {worst}"
+    assert worst[120] <= worst[40] + Q + L, f"fair waits grew with the hot stream: {worst}"
 
 
 def test_fair_beats_vllm_on_the_worst_wait(setup) -> None:
-    fair_cold, _, _ = drive(setup, "fair", 120)
-    vllm_cold, _, _ = drive(setup, "vllm", 120)
+    fair_cold, _, _, _ = drive(setup, "fair", 120)
+    vllm_cold, _, _, _ = drive(setup, "vllm", 120)
     assert max(r.wait_steps for r in fair_cold) * 2 < max(r.wait_steps for r in vllm_cold)
 
 
-def test_fair_drains_one_slot_for_an_overdue_request_not_the_batch(setup) -> None:
-    """max_loras 2, two hot adapters streaming, one cold request: once overdue it starts within one
-    drain (D + L steps), and while it waits at most one hot adapter admits. Known weakness: in this
-    scenario the slot usually frees within 2-3 steps, so the first version (whole-batch drain) passes
-    too; a scenario where the drain lasts long enough to tell them apart deterministically is still
-    to be written (benchmarks/RESULTS.md, fair policy v2)."""
-    mdir, adapters = setup
-    names = sorted(adapters)
-    llm = LLM(str(mdir), adapters, max_loras=2, max_cpu_loras=8, max_lora_rank=8, max_num_seqs=MAX_SEQS,
-              policy="fair", fair_max_wait_steps=W)
+def test_fair_time_slices_a_slot_for_a_cold_request_while_the_hot_ones_run(setup) -> None:
+    """Both slots held by long-running hot requests (200 tokens): a cold request must not wait for a
+    slot to drain (the previous designs waited for a hot adapter's requests to finish, ~200 steps).
+    It starts within wait_bound(1) steps, on a slot lent by a hot adapter whose requests are parked
+    meanwhile: they keep their KV blocks (no preemption) and resume within park_bound(3) steps."""
+    names = sorted(setup[1])
+    llm = make_llm(setup, "fair", max_num_seqs=MAX_SEQS)
     eng = llm.engine
-    params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-    prompt = list(range(1, 9))
-    hot = [eng.add_request(prompt, params, names[k % 2]) for k in range(4)]
-    cold = None
-    for step in range(400):
-        if step == 2:
-            cold = eng.add_request(prompt, params, names[5])
-        if step < 120:
-            hot.append(eng.add_request(prompt, params, names[step % 2]))
-        eng.step()
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+    hot = [eng.add_request(PROMPT, long, names[k % 2]) for k in range(4)]
+    ran: dict = {}
+    for _ in range(3):
+        step(llm, ran)
+    assert all(r.status.value == "running" for r in hot)
+    cold = eng.add_request(PROMPT, SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True), names[5])
+    blocks_held = {}
+    while cold.admitted_step is None:
+        blocks_held = {r: len(r.block_table) for r in hot}
+        step(llm, ran)
+        assert eng.scheduler.step < 100, "the cold request never started"
+    assert cold.wait_steps <= wait_bound(1), f"the cold request waited {cold.wait_steps} steps"
+    assert all(not r.finished and len(r.output_ids) < 100 for r in hot), "it waited for a hot adapter to drain"
+    parked = [r for r in hot if ran[r][-1] < cold.admitted_step]
+    assert parked, "no hot request was parked: both hot adapters kept their slots"
+    assert all(len(r.block_table) >= blocks_held[r] > 0 for r in parked), "a parked request lost its KV blocks"
     while eng.has_unfinished():
-        eng.step()
+        step(llm, ran)
     llm.close()
-    assert cold is not None and cold.admitted_step is not None
-    overdue_from, started = cold.arrival_step + W, cold.admitted_step
-    assert started - overdue_from <= D + L, "the overdue request waited longer than one drain"
-    during = [r for r in hot if r.admitted_step is not None and overdue_from < r.admitted_step < started]
-    # Adapter loads run on threads, so how soon a slot frees varies run to run; when the wait lasts
-    # more than a couple of steps, seats free up meanwhile and only the undrained adapter may use them
-    # (the first version admitted nothing until the whole batch had drained: about D steps, none here).
-    if started - overdue_from > 3:
-        assert during, "no hot request was admitted while the overdue one waited: the whole batch was drained"
-    assert len({r.adapter for r in during}) <= 1, "both hot adapters kept admitting: nothing was drained"
+    assert all(r.preemptions == 0 and len(r.output_ids) == 200 for r in hot)
+    assert cold.finish_time < min(r.finish_time for r in hot)
+    # after its first step it stayed parked until P made it overdue (the hot adapters never let go)
+    assert P <= longest_gap(ran[cold]) <= park_bound(3)
+    for r in hot:
+        assert longest_gap(ran[r]) <= park_bound(3), f"{r.request_id} was parked {longest_gap(ran[r])} steps in a row"
+    assert max(s.num_adapters for s in eng.steps) <= MAX_LORAS
+
+
+def test_swapped_out_adapters_come_back_with_the_same_outputs(setup) -> None:
+    """Six adapters through two time-sliced slots: requests are parked and their adapters reloaded,
+    into whichever slot is free; every token must be what the request gets with a slot of its own."""
+    names = sorted(setup[1])[:6]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(8 + i)] for i in range(6)]
+    sliced = make_llm(setup, "fair", max_loras=2, max_num_seqs=64)
+    outs = sliced.generate(prompts, params, names)
+    eng = sliced.engine
+    sliced.close()
+    assert sum(s.parked for s in eng.steps) > 0 and eng.cache.device_counters.loads > 6, "no adapter was swapped out and back"
+    roomy = make_llm(setup, "fair", max_loras=6, max_num_seqs=64)
+    expected = roomy.generate(prompts, params, names)
+    roomy.close()
+    assert sum(s.parked for s in roomy.engine.steps) == 0
+    for o, e in zip(outs, expected, strict=True):
+        assert o.token_ids == e.token_ids, f"{o.adapter}: tokens changed after its adapter was swapped out and back"

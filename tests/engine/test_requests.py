@@ -94,6 +94,8 @@ def test_duplicate_request_id(llm) -> None:
         ({"max_loras": 4, "max_cpu_loras": 2}, ["max_cpu_loras", "max_loras"]),
         ({"policy": "x"}, ["policy", "'x'", "fair", "vllm"]),
         ({"max_loras": 0}, ["max_loras"]),
+        ({"fair_quantum_steps": 0}, ["fair_quantum_steps"]),
+        ({"fair_max_park_steps": -4}, ["fair_max_park_steps"]),
         ({"max_num_seqs": -1}, ["max_num_seqs"]),
         ({"block_size": 0}, ["block_size"]),
         ({"num_kv_blocks": 0}, ["num_kv_blocks"]),

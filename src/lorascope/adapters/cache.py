@@ -2,9 +2,16 @@
 (`max_loras`).
 
 Loads run on a thread pool beside the engine's step, never inside it: the scheduler asks for a
-load, keeps the request waiting, and admits it once the adapter is `ready`. A slot being filled is
-owned by no running request, so the step never reads it while it is written. Adapters referenced
-by running requests are never evicted.
+load, keeps the request waiting, and schedules it once the adapter is `ready`. A slot being filled
+is read by no step: a step schedules only requests whose adapter is ready, and the slots of the
+adapters a step uses (`use`, cleared by `begin_step`) are never evicted until the next step.
+Running requests hold references (`acquire` / `release`). Without `time_sliced` (the `vllm`
+policy) a referenced adapter keeps its device slot until its last running request finishes. With
+it (the `fair` policy) device slots are a per-step resource: a referenced adapter that the current
+step does not use may lose its slot (its running requests are parked until it is loaded again),
+but it never leaves the host tier, so swapping it back in is a host->device copy. The host tier
+holds `max_cpu_loras` adapters, more while running requests need more (at most one per running
+request).
 
 Counters, per tier: a *hit* is a lookup that finds the adapter resident, a *miss* one that must
 load it; *loads* and *load_seconds* count completed loads into the tier (disk->host reads,
@@ -46,9 +53,11 @@ class AdapterCache:
         eviction: str = "lru",
         dtype: torch.dtype = torch.float32,
         threads: int = 2,
+        time_sliced: bool = False,
     ):
         self.source, self.cfg, self.store, self.dtype = source, cfg, store, dtype
         self.max_cpu_loras = max_cpu_loras
+        self.time_sliced = time_sliced
         self.on_cuda = any(t.is_cuda for t in store.a.values())
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="lora-load")
         self._copy_stream = torch.cuda.Stream() if self.on_cuda else None
@@ -63,7 +72,8 @@ class AdapterCache:
         self._ready: set[str] = set()
         self._loading: dict[str, Future[None]] = {}
         self._fresh: set[str] = set()  # loaded for a request that has not acquired it yet
-        self.refs: Counter[str] = Counter()
+        self.refs: Counter[str] = Counter()  # running requests per adapter (read by loader threads: copy first)
+        self._in_step: set[str] = set()  # adapters the current step reads: their slots stay until the next step
         self.failed: dict[str, str] = {}
         self.host_counters = TierCounters()
         self.device_counters = TierCounters()
@@ -85,7 +95,10 @@ class AdapterCache:
         return sum(owner is None for owner in self._owner)
 
     def evictable(self, protected: set[str] | frozenset[str] = frozenset()) -> list[str]:
-        return [n for n in self._ready if self.refs[n] == 0 and n not in protected]
+        """Ready adapters whose slot may be taken: not used by this step, not `protected`, and (unless
+        time-sliced) referenced by no running request."""
+        return [n for n in self._ready if n not in self._in_step and n not in protected
+                and (self.time_sliced or self.refs[n] == 0)]
 
     def request_load(self, name: str, protected: set[str] | frozenset[str] = frozenset()) -> bool:
         """Start loading `name` into a device slot unless it is there or on its way.
@@ -137,6 +150,23 @@ class AdapterCache:
     def wait_for_loads(self, timeout_s: float) -> None:
         if self._loading:
             wait(list(self._loading.values()), timeout=timeout_s, return_when=FIRST_COMPLETED)
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Wait until every load started so far has finished (tests that must not depend on how
+        fast the loader threads run; warm-up). `poll` still has to be called to see them ready."""
+        pending = list(self._loading.values())
+        if pending:
+            wait(pending, timeout=timeout_s)
+
+    def begin_step(self) -> None:
+        """A new step starts: no slot is in use until `use` says so."""
+        self._in_step.clear()
+
+    def use(self, name: str) -> None:
+        """The current step reads `name`'s slot (it must be ready): the slot stays until the next step."""
+        if name not in self._ready:
+            raise RuntimeError(f"adapter {name!r} scheduled before it was ready")
+        self._in_step.add(name)
 
     def acquire(self, name: str) -> int:
         """A running request starts using `name` (which must be ready); returns its slot."""
@@ -241,10 +271,13 @@ class AdapterCache:
 
     def _insert_host(self, name: str, adapter: HostAdapter) -> None:
         while len(self.host) >= self.max_cpu_loras:
-            # keep device-resident adapters on the host while others can go
-            victim = self._host_policy.select_victim(set(self.host) - self.slot_of.copy().keys())
-            victim = victim or self._host_policy.select_victim(self.host)
-            assert victim is not None
+            # keep device-resident adapters on the host while others can go; never drop one that a
+            # running request needs (a parked request's adapter is reloaded from here): hold one more
+            needed = dict.copy(self.refs).keys()  # dict.copy is atomic under the GIL; the engine thread writes refs
+            victim = self._host_policy.select_victim(set(self.host) - self.slot_of.copy().keys() - needed)
+            victim = victim or self._host_policy.select_victim(set(self.host) - needed)
+            if victim is None:
+                break
             del self.host[victim]
             self._host_policy.remove(victim)
             self.host_counters.evictions += 1

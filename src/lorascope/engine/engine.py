@@ -39,6 +39,7 @@ class StepRecord:
     num_adapters: int  # distinct adapters in the step
     skipped: int
     preempted: int
+    parked: int = 0  # running requests left out because their adapter had no slot (fair policy)
 
 
 class LLMEngine:
@@ -55,7 +56,8 @@ class LLMEngine:
         self.store = LoRASlotStore(loaded.cfg, cfg.max_loras, cfg.max_lora_rank, dtype, device, modules)
         loaded.model.attach_lora(self.store)
         self.cache = AdapterCache(
-            self.source, loaded.cfg, self.store, cfg.max_cpu_loras or cfg.max_loras, cfg.eviction, dtype, cfg.loader_threads
+            self.source, loaded.cfg, self.store, cfg.max_cpu_loras or cfg.max_loras, cfg.eviction, dtype, cfg.loader_threads,
+            time_sliced=cfg.policy == "fair",
         )
         num_blocks = cfg.num_kv_blocks or self._default_num_blocks(dtype, device)
         if num_blocks * cfg.block_size < self.max_model_len:
@@ -67,7 +69,7 @@ class LLMEngine:
         self.blocks = BlockManager(num_blocks, cfg.block_size)
         self.scheduler = Scheduler(cfg, self.blocks, self.cache)
         self.runner = ModelRunner(loaded.model, num_blocks, cfg.block_size, dtype, device, self.store, self.max_model_len,
-                                  cfg.max_num_seqs, cfg.enforce_eager)
+                                  cfg.max_num_seqs, cfg.enforce_eager, cfg.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self._ids = itertools.count()
@@ -178,8 +180,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         done = out.failed
         if not out.scheduled:
-            if self.scheduler.waiting and not done:
-                self.cache.wait_for_loads(0.05)  # nothing runnable: the queue waits on loads
+            if self.scheduler.has_work() and not done:
+                self.cache.wait_for_loads(0.05)  # nothing runnable: waiting and parked requests wait on loads
             return self._forget(done)
         samplers, logits = self.runner.execute(out.scheduled, self.cache.slot_of.__getitem__)
         for req, n in out.scheduled:
@@ -200,7 +202,7 @@ class LLMEngine:
                 progressed.append(req)
         self.steps.append(
             StepRecord(out.step, start, time.perf_counter() - start, len(out.scheduled), out.num_tokens,
-                       len(out.adapters), out.skipped, len(out.preempted))
+                       len(out.adapters), out.skipped, len(out.preempted), out.parked)
         )
         return self._forget([r for r in progressed if r.finished]) + [r for r in progressed if not r.finished]
 

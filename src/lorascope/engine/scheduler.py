@@ -1,10 +1,13 @@
 """Scheduler: which requests run this step, and how many of their tokens (continuous batching with
 chunked prefill under one token budget, vLLM v1 style).
 
-Each step: running requests first (a decode token each, or their next prefill chunk), preempting
-the newest running request (recompute) when KV blocks run out; then the admission policy picks
-waiting requests. A request is admitted only when its adapter is ready in a device slot; loads
-are started here but run beside the step (adapters/cache.py). Policies live in policies.py.
+Each step: the policy plans the step's adapters (`fair` swaps adapters in and out of the device
+slots; `vllm` does nothing here); running requests go first (a decode token each, or their next
+prefill chunk), preempting the newest running request (recompute) when KV blocks run out; a running
+request whose adapter is not ready in a slot this step is *parked* (it keeps its seat and KV blocks
+and is simply not scheduled); then the admission policy picks waiting requests. A request is
+scheduled only when its adapter is ready in a device slot; loads are started here but run beside
+the step (adapters/cache.py). Policies live in policies.py.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class SchedulerOutput:
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)  # finished with an error while scheduling
     skipped: int = 0  # admissions passed over by the max_loras rule this step
+    parked: int = 0  # running requests not scheduled because their adapter has no slot this step
 
     @property
     def num_tokens(self) -> int:
@@ -43,6 +47,7 @@ class Scheduler:
         self.cache = cache
         self.waiting: list[Request] = []  # arrival order; preempted requests go back to the front
         self.running: list[Request] = []  # admission order
+        self.last_run: dict[Request, int] = {}  # running request -> the last step it was scheduled in
         self.step = 0
         self.policy = make_admission_policy(cfg)
 
@@ -56,6 +61,7 @@ class Scheduler:
     def finish(self, req: Request, reason: str) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
+            self.last_run.pop(req, None)
             self._release(req)
         elif req.status is Status.WAITING:
             self.waiting.remove(req)
@@ -72,16 +78,20 @@ class Scheduler:
         out = SchedulerOutput(self.step)
         if self.cache is not None:
             self.cache.poll()
+            self.cache.begin_step()
             out.failed = self._fail_unloadable()
+        self.policy.plan(self)
         budget = self.cfg.max_num_batched_tokens
         for req in list(self.running):
             if req.status is not Status.RUNNING or budget == 0:
                 continue
+            if not self.adapter_ready(req):  # parked: its adapter has no slot this step
+                out.parked += 1
+                continue
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._make_room(req, req.num_computed + n, out):
                 continue
-            self.blocks.allocate(req, req.num_computed + n)
-            out.scheduled.append((req, n))
+            self._schedule(req, n, out)
             budget -= n
         if not out.preempted:  # as vLLM: no admissions in a step that had to preempt
             self.policy.admit(self, out, budget)
@@ -96,8 +106,17 @@ class Scheduler:
                 return False
         return True
 
+    def _schedule(self, req: Request, n: int, out: SchedulerOutput) -> None:
+        self.blocks.allocate(req, req.num_computed + n)
+        if req.adapter is not None:
+            assert self.cache is not None
+            self.cache.use(req.adapter)
+        self.last_run[req] = self.step
+        out.scheduled.append((req, n))
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.running.remove(req)
+        self.last_run.pop(req, None)
         self._release(req)
         req.num_computed = 0
         req.status = Status.WAITING
@@ -118,7 +137,7 @@ class Scheduler:
         assert self.cache is not None
         if not self.cache.failed:
             return []
-        failed = [r for r in self.waiting if r.adapter in self.cache.failed]
+        failed = [r for r in (*self.running, *self.waiting) if r.adapter in self.cache.failed]  # running: a swap-in failed
         for req in failed:
             req.error = f"adapter {req.adapter!r} could not be loaded: {self.cache.failed[req.adapter]}"
             self.finish(req, "error")
@@ -144,11 +163,10 @@ class Scheduler:
         if req.adapter is not None:
             assert self.cache is not None
             self.cache.acquire(req.adapter)
-        self.blocks.allocate(req, req.num_computed + n)
         self.waiting.remove(req)
         self.running.append(req)
         req.status = Status.RUNNING
         if req.admitted_step is None:
             req.admitted_step = self.step
-        out.scheduled.append((req, n))
+        self._schedule(req, n, out)
         return n
