@@ -1,14 +1,18 @@
-"""Grouped LoRA on the GPU: two Triton kernels with exactly `lora_grouped`'s meaning (kernels/lora.py).
+"""Grouped LoRA on the GPU: Triton kernels with exactly `lora_grouped`'s meaning (kernels/lora.py).
 
     y[t] += scale[s] * B[s, :, :r] @ (A[s, :r] @ x[t])   for the tokens t of each segment (start, end, s)
 
-1. shrink: u[t, :R] = scale * x[t] @ A[slot, :R]^T, R = r_max padded to a power of two >= 16 (tl.dot's
-   smallest tile). Grid (segment, token tile, K split): every program reads its segment's rows of x and
-   one K chunk of A[slot]; split-K partials go to their own plane of a float32 buffer [SPLIT_K, T, R]
-   (no atomics, no zero-fill: deterministic). Split-K is what fills the H200's 132 SMs when a decode
-   step has 32 single-token segments: 32 segments x 1 tile x 16 splits = 512 programs (in = 4096).
-2. expand: y[t, n] += sum_k u[k, t, :R] @ B[slot, n, :R]^T. Grid (segment, token tile, output tile):
-   every output element belongs to one token and one program, so a plain load-add-store, no atomics.
+The modules that read the same x (q/k/v, or gate/up) go through one kernel pair together
+(`lora_multi_triton`; `lora_grouped_triton` is the one-module case):
+1. shrink: u[m, t, :R] = scale_m * x[t] @ A_m[slot, :R]^T, R = r_max padded to a power of two >= 16
+   (tl.dot's smallest tile). Grid (segment, token tile, module x K split): every program reads its
+   segment's rows of x and one K chunk (tiles of 256) of one module's A[slot]; split-K partials go to
+   their own plane of a float32 buffer [M, SPLIT, T, R] (no atomics, no zero-fill: deterministic).
+   Split-K (at most 4, aiming at ~2 programs per SM) fills the H200's SMs when a decode step has few
+   segments; without it one program per adapter read its 128 KB of A latency-bound (23 us a launch).
+2. expand: y_m[t, n] += (sum of the SPLIT planes of u[m, t]) @ B_m[slot, n, :R]^T. Grid (segment,
+   token tile, output tile over the modules' outputs one after another): every output element belongs
+   to one token and one program, so a plain load-add-store, no atomics.
 
 Ranks: a slot's rows past its rank hold stale weights. Both kernels load A rows and B columns with the
 mask `r < rank` (other=0), so stale rows contribute exact zeros; a segment of rank 0 or length 0 exits
@@ -19,7 +23,7 @@ segments longer than one token tile (prefill), and those re-reads mostly hit L2.
 Metadata: `LoRAMeta.build(segments, ranks_by_module, scales_by_module, device)` packs, once per step,
 the segments (start, length, slot) and every module's per-segment rank and scale into two small device
 tensors (one host-to-device copy each, O(active segments), never O(S)). `meta[module]` gives the view
-`lora_grouped_triton` takes; every layer of that module reuses it. With `capacity=` the buffers have a
+the ops take; every layer of that module reuses it. With `capacity=` the buffers have a
 fixed size and the launch grid is fixed (padding segments have length 0 and exit at once), and
 `meta.update(...)` rewrites them in place: the op then holds no host sync and no shape that changes
 between steps, so a CUDA graph captured once replays for any batch within the capacity.
@@ -54,8 +58,6 @@ HAS_TRITON = triton is not None
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 _NUM_SMS = 132  # H200; the split-K heuristic aims at a few programs per SM
-_BLOCK_K = 64  # shrink: K step over `in`
-_MAX_SPLIT_K = 16
 
 
 def _next_pow2(n: int) -> int:
@@ -209,39 +211,7 @@ def lora_grouped_triton(
         if not segments:
             return y
         meta = LoRAMeta.build(segments, {"m": ranks}, {"m": scales}, x.device)["m"]
-    tokens, fan_in = x.shape
-    fan_out = y.shape[1]
-    if meta.num_segments == 0 or meta.max_len == 0 or tokens == 0:
-        return y
-    r_pad = padded_rank(a.shape[1])
-    bm = _block_m(meta.max_len)
-    m_tiles = triton.cdiv(meta.max_len, bm)
-    k_blocks = triton.cdiv(fan_in, _BLOCK_K)
-    if split_k is None:
-        # aim at ~4 programs per SM for the shrink (it reads A: the bytes that matter at decode)
-        want = triton.cdiv(4 * _NUM_SMS, meta.num_segments * m_tiles)
-        split_k = min(_MAX_SPLIT_K, _next_pow2(want))
-    split_k = max(1, min(split_k, k_blocks))
-    k_per_split = triton.cdiv(k_blocks, split_k) * _BLOCK_K
-    split_k = triton.cdiv(fan_in, k_per_split)  # no split left without work
-    if block_n is None:
-        block_n = 128 if fan_out >= 2048 else 64
-    block_n = min(block_n, max(16, _next_pow2(fan_out)))
-
-    u = torch.empty((split_k, tokens, r_pad), dtype=torch.float32, device=x.device)
-    # float32 inputs: IEEE float32 dots (not tf32); bfloat16 under the interpreter: see _INTERPRETED
-    ieee = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
-    _shrink_kernel[(meta.num_segments, m_tiles, split_k)](
-        x, a, u, meta.seg, meta.rank, meta.scale, meta.seg.stride(0),
-        fan_in, x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2),
-        u.stride(0), u.stride(1),
-        K_PER_SPLIT=k_per_split, BLOCK_M=bm, BLOCK_K=_BLOCK_K, R=r_pad, IEEE=ieee,
-    )
-    _expand_kernel[(meta.num_segments, m_tiles, triton.cdiv(fan_out, block_n))](
-        u, b, y, meta.seg, meta.rank, meta.seg.stride(0),
-        fan_out, u.stride(0), u.stride(1), b.stride(0), b.stride(1), b.stride(2), y.stride(0), y.stride(1),
-        SPLIT_K=split_k, BLOCK_M=bm, BLOCK_N=block_n, R=r_pad, IEEE=ieee,
-    )
+    lora_multi_triton(x, [(y, a, b, meta)], split_k=split_k, block_n=block_n)
     return y
 
 
@@ -252,86 +222,6 @@ def _check_shapes(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Te
                          f"{x.dtype}, {y.dtype}, {a.dtype}, {b.dtype}")
     if a.shape[1] > 128:
         raise ValueError(f"r_max {a.shape[1]} > 128 is not supported by the Triton LoRA kernels")
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _shrink_kernel(
-        x_ptr, a_ptr, u_ptr, seg_ptr, rank_ptr, scale_ptr, seg_stride,
-        fan_in, sx_t, sx_k, sa_s, sa_r, sa_k, su_split, su_t,
-        K_PER_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, R: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        pid_seg = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        length = tl.load(seg_ptr + seg_stride + pid_seg)
-        rank = tl.load(rank_ptr + pid_seg)
-        if (rank > 0) & (pid_m * BLOCK_M < length):
-            start = tl.load(seg_ptr + pid_seg)
-            slot = tl.load(seg_ptr + 2 * seg_stride + pid_seg).to(tl.int64)
-            scale = tl.load(scale_ptr + pid_seg)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < length
-            rows = (start + offs_m).to(tl.int64)
-            offs_r = tl.arange(0, R)
-            r_ok = offs_r < rank  # rows past the slot's rank are stale: never read
-            offs_k = tl.arange(0, BLOCK_K)
-            k0 = pid_k * K_PER_SPLIT
-            x_base = x_ptr + rows[:, None] * sx_t
-            a_base = a_ptr + slot * sa_s + offs_r[None, :] * sa_r
-            acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-            for kk in range(0, K_PER_SPLIT, BLOCK_K):
-                k = k0 + kk + offs_k
-                k_ok = k < fan_in
-                xt = tl.load(x_base + k[None, :] * sx_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                at = tl.load(a_base + k[:, None] * sa_k, mask=k_ok[:, None] & r_ok[None, :], other=0.0)  # [BK, R]
-                if IEEE:
-                    acc += tl.dot(xt.to(tl.float32), at.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, at)
-            acc = acc * scale
-            u_ptrs = u_ptr + pid_k * su_split + rows[:, None] * su_t + offs_r[None, :]
-            tl.store(u_ptrs, acc, mask=row_ok[:, None])
-
-    @triton.jit
-    def _expand_kernel(
-        u_ptr, b_ptr, y_ptr, seg_ptr, rank_ptr, seg_stride,
-        fan_out, su_split, su_t, sb_s, sb_n, sb_r, sy_t, sy_n,
-        SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-        IEEE: tl.constexpr,
-    ):
-        pid_seg = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        pid_n = tl.program_id(2)
-        length = tl.load(seg_ptr + seg_stride + pid_seg)
-        rank = tl.load(rank_ptr + pid_seg)
-        if (rank > 0) & (pid_m * BLOCK_M < length):
-            start = tl.load(seg_ptr + pid_seg)
-            slot = tl.load(seg_ptr + 2 * seg_stride + pid_seg).to(tl.int64)
-            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < length
-            rows = (start + offs_m).to(tl.int64)
-            offs_r = tl.arange(0, R)
-            r_ok = offs_r < rank
-            u_ptrs = u_ptr + rows[:, None] * su_t + offs_r[None, :]
-            u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):  # the deterministic split-K reduction
-                u += tl.load(u_ptrs + s * su_split, mask=row_ok[:, None], other=0.0)
-            u = u.to(b_ptr.dtype.element_ty)
-            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < fan_out
-            bt = tl.load(b_ptr + slot * sb_s + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)  # [R, BN]; stale columns masked
-            if IEEE:
-                delta = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
-            else:
-                delta = tl.dot(u, bt)
-            y_ptrs = y_ptr + rows[:, None] * sy_t + offs_n[None, :] * sy_n
-            mask = row_ok[:, None] & n_ok[None, :]
-            yt = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (yt.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # --- several modules that read the same input (q/k/v, gate/up) in two launches, no split-K -----------
@@ -345,6 +235,7 @@ def lora_multi_triton(
     x: torch.Tensor,
     targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRAModuleMeta]],
     *,
+    split_k: int | None = None,
     block_n: int | None = None,
 ) -> None:
     """`lora_grouped` for up to three modules that share the input x (q/k/v, or gate/up), in two
@@ -385,8 +276,10 @@ def lora_multi_triton(
     tiles[m:] = [0] * (MAX_GROUP - m)
     ieee = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
     k_blocks = triton.cdiv(fan_in, _MULTI_BLOCK_K)
-    want = triton.cdiv(2 * _NUM_SMS, meta.num_segments * m_tiles * m)  # ~2 programs per SM
-    split = max(1, min(_MULTI_MAX_SPLIT, _next_pow2(want), k_blocks))
+    if split_k is None:
+        want = triton.cdiv(2 * _NUM_SMS, meta.num_segments * m_tiles * m)  # ~2 programs per SM
+        split_k = min(_MULTI_MAX_SPLIT, _next_pow2(want))
+    split = max(1, min(split_k, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split) * _MULTI_BLOCK_K
     split = triton.cdiv(fan_in, k_per_split)
     u = torch.empty((m, split, tokens, r_pad), dtype=torch.float32, device=x.device)
