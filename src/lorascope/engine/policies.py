@@ -26,7 +26,7 @@ and KV blocks and are not scheduled). Before anything is scheduled (`plan`):
    `fair_quantum_steps` (Q) steps (a loan does not reset that), the longest overdue first.
 Swaps reload from the host tier, which keeps every running request's adapter (adapters/cache.py).
 Admission (`admit`): waiting requests in arrival order whose adapter is ready; an overdue one whose
-adapter is loading holds a seat and its KV blocks; when an overdue one finds no seat or blocks,
+adapter is not ready holds a seat and its KV blocks; when an overdue one finds no seat or blocks,
 admissions pause until running requests free them. Adapters of the next `prefetch_lookahead`
 queued requests are prefetched into the host tier.
 
