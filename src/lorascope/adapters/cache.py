@@ -233,6 +233,9 @@ class AdapterCache:
         host = self._host_get(name, True)
         start = time.perf_counter()
         if self._copy_stream is not None:
+            # the slot may have been read by the last step, whose kernels can still be running (a step
+            # with no sampling row does not sync with the host): the copy waits for the compute stream
+            self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
             with torch.cuda.stream(self._copy_stream):
                 self.store.write(slot, host, non_blocking=True)
             self._copy_stream.synchronize()
