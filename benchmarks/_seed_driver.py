@@ -136,18 +136,23 @@ async def on_engine_thread(aeng: Any, fn: Any) -> Any:
     return await aeng._call(fn)
 
 
-async def set_policy(aeng: Any, policy: str) -> None:
-    """Swap the admission policy of an idle engine (EngineConfig.policy is read once, at build)."""
+async def set_policy(aeng: Any, policy: str, max_num_batched_tokens: int | None = None) -> None:
+    """Swap the admission policy (and the token budget) of an idle engine: EngineConfig.policy is read
+    once, at build, by the scheduler and by the adapter cache (`time_sliced` slots under `fair` only)."""
     from lorascope.engine.policies import make_admission_policy
 
+    eng = aeng.engine
+    budget = max_num_batched_tokens or eng.cfg.max_num_batched_tokens
+
     def swap() -> None:
-        eng = aeng.engine
         if eng.has_unfinished():
             raise RuntimeError("the policy can only change on an idle engine")
         eng.cfg.policy = policy
+        eng.cfg.max_num_batched_tokens = budget
         eng.scheduler.policy = make_admission_policy(eng.cfg)
+        eng.cache.time_sliced = policy == "fair"
 
-    if aeng.engine.cfg.policy != policy:
+    if eng.cfg.policy != policy or eng.cfg.max_num_batched_tokens != budget:
         await on_engine_thread(aeng, swap)
 
 

@@ -136,6 +136,8 @@ class Plan:
     seed: int = 0
     loader_threads: int = 16
     assumed_tok_s: tuple[tuple[int, float], ...] = ((32, 6000.0), (256, 20000.0))
+    max_step_tokens: int = 1024  # engines are built with this max_num_batched_tokens (graphs up to it)
+    async_scheduling: bool = True  # pipelined steps (engine.py); --lockstep turns them off
     assumed_build_s: float = 8.0
     assumed_fixed_s: float = 45.0  # model init, adapter generation, first compiles
     assumed_hf_s: float = 60.0
@@ -179,6 +181,14 @@ class Cell:
     @property
     def engine(self) -> tuple[str, int]:
         return self.source, self.max_loras
+
+
+def token_budget(p: Plan, concurrency: int) -> int:
+    """A cell's max_num_batched_tokens: 8 tokens per sequence in flight, at least 256, at most the
+    engine's. At c=32 that is 256: every step is the decode batch plus at most ~two prompts, so prompts
+    spread over the decode steps (which are bound by weight reads, not compute) instead of arriving as
+    one wave of 32 x 128 tokens whose steps run past the graphs."""
+    return min(p.max_step_tokens, max(256, 8 * concurrency))
 
 
 def law_tag(traffic: str) -> str:
@@ -380,6 +390,8 @@ class Seed:
             max_lora_rank=RANK,
             lora_target_modules=TARGETS,
             max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=p.max_step_tokens,
+            async_scheduling=p.async_scheduling,
             max_model_len=p.prompt_len + p.output_len + 16,
             loader_threads=p.loader_threads,
         )
@@ -483,7 +495,8 @@ class Seed:
         )
         prompts = [(wl.prompt_token_ids(i), names[int(wl.adapter[i])]) for i in range(len(wl))]
         start = time.perf_counter()
-        asyncio.run(set_policy(aeng, cell.policy))
+        budget = token_budget(p, cell.concurrency)
+        asyncio.run(set_policy(aeng, cell.policy, budget))
         if cell.via == "http":
             before = asyncio.run(aeng.snapshot()).cache
             phase = drive_http(aeng, prompts, cell.concurrency, warmup, p.output_len, self.tmp, timeout_s)
@@ -493,6 +506,7 @@ class Seed:
             before = phase.cache_at_start
         after = asyncio.run(aeng.snapshot()).cache
         result: dict[str, Any] = {
+            "max_num_batched_tokens": budget,
             "wall_s": time.perf_counter() - start,
             "distinct_adapters": len(set(wl.adapter[warmup:].tolist())),
         }
@@ -861,6 +875,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--loader-threads", type=int, default=None, help="default: min(16, CPUs)")
     ap.add_argument("--plan-only", action="store_true", help="print the cells and the estimate, run nothing")
     ap.add_argument("--assume-tok-s", default=None, help="rates the estimate assumes, e.g. 32:2400,256:7700")
+    ap.add_argument("--lockstep", action="store_true", help="async_scheduling off (A/B of pipelined steps)")
+    ap.add_argument("--max-step-tokens", type=int, default=1024, help="engines' max_num_batched_tokens")
     return ap.parse_args(argv)
 
 
@@ -873,6 +889,8 @@ def make_plan(args: argparse.Namespace) -> Plan:
         dtype=DTYPE_NAMES[args.dtype],
         requests_scale=args.requests_scale,
         loader_threads=args.loader_threads or min(16, os.cpu_count() or 2),
+        async_scheduling=not args.lockstep,
+        max_step_tokens=args.max_step_tokens,
     )
     plan = replace(plan, **QUICK) if args.quick else plan  # type: ignore[arg-type]
     if args.assume_tok_s:

@@ -44,6 +44,9 @@ class EngineConfig:
     loader_threads: int = 2
     # CUDA: decode steps replay CUDA graphs per batch-size bucket unless this is set (vLLM's name)
     enforce_eager: bool = False
+    # pipelined steps: the host schedules and launches step n+1 while the device runs step n (greedy
+    # steps; engine.py). None: on for CUDA, off on the CPU (where nothing runs beside the host)
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

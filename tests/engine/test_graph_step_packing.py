@@ -5,7 +5,8 @@ per token, and per sequence (q_start, q_len, seq_len, block table), plus the LoR
 itself needs a GPU (tests/engine/test_cuda_graphs.py); here its replay is a no-op and the buffers it
 would read are compared with what the eager path builds for the same step (`AttentionMetadata.build`
 with `varlen=True`, i.e. kernels/varlen_attention_triton.py's own packing), for a step that mixes
-decode tokens, a prefill chunk, a chunk after a cached prefix and a base-model request.
+decode tokens, a prefill chunk, a chunk after a cached prefix and a base-model request, one of whose
+input tokens is still PENDING (a pipelined step: the graph reads it from the device's `sampled`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from lorascope import LLM, SamplingParams
 from lorascope.engine import runner as runner_mod
+from lorascope.engine.request import PENDING
 from lorascope.kernels.attention import AttentionMetadata
 from lorascope.kernels.lora_triton import LoRAMeta
 
@@ -31,9 +33,9 @@ def test_graph_step_buffers_match_the_eager_metadata() -> None:
     meta = LoRAMeta.build([], {m: store.ranks[m] for m in store.modules}, {m: store.scales[m] for m in store.modules},
                           "cpu", capacity=cap, max_len_bound=bucket)
     fake = runner_mod._StepGraph(types.SimpleNamespace(replay=lambda: None),
-                                 torch.zeros(3, bucket, dtype=torch.long), torch.zeros(cap, 3 + run.max_blocks, dtype=torch.int32),
-                                 torch.zeros(3, bucket, dtype=torch.long), torch.zeros(cap, 3 + run.max_blocks, dtype=torch.int32),
-                                 meta, torch.zeros(bucket, eng.model_cfg.hidden_size))
+                                 torch.zeros(4, bucket, dtype=torch.long), torch.zeros(cap, 3 + run.max_blocks, dtype=torch.int32),
+                                 torch.zeros(4, bucket, dtype=torch.long), torch.zeros(cap, 3 + run.max_blocks, dtype=torch.int32),
+                                 meta, torch.zeros(bucket, eng.model_cfg.hidden_size), None)
     run.graphs[bucket] = fake
     run.token_buckets = [bucket]
 
@@ -52,6 +54,12 @@ def test_graph_step_buffers_match_the_eager_metadata() -> None:
     scheduled = [(reqs[0], 1), (reqs[1], 1), (reqs[2], 1), (reqs[3], 1)]
     reqs[2].num_computed -= 6
     scheduled[2] = (reqs[2], 7)
+    # a pipelined step (engine.py): reqs[3]'s last token was sampled on the device in row 5 of the
+    # previous step and is still PENDING on the host; the graph's inputs name that row
+    true_last = reqs[3].output_ids[-1]
+    reqs[3].output_ids[-1] = PENDING
+    reqs[3].pending, reqs[3].pending_idx = 1, 5
+    run.sampled[5] = true_last
     for r, n in scheduled:
         eng.blocks.allocate(r, r.num_computed + n)
 
@@ -74,6 +82,10 @@ def test_graph_step_buffers_match_the_eager_metadata() -> None:
     ids = [t for r, n in items for t in r.tokens(r.num_computed, r.num_computed + n)]
     pos = [p for r, n in items for p in range(r.num_computed, r.num_computed + n)]
     assert host[0, :num_tokens].tolist() == ids and host[1, :num_tokens].tolist() == pos
+    row = ids.index(PENDING)
+    assert ids.count(PENDING) == 1 and host[3, row] == 5 and not host[3, :row].any() and not host[3, row + 1 :].any()
+    dev_ids = fake.dev[0][:num_tokens].tolist()  # what the graph reads: the PENDING id filled in on the device
+    assert dev_ids[row] == true_last and dev_ids[:row] + dev_ids[row + 1 :] == ids[:row] + ids[row + 1 :]
     packed = fake.host_meta.numpy()
     v = want.varlen
     assert v is not None

@@ -223,9 +223,10 @@ class AsyncLLMEngine:
         engine thread for the GIL once per request)."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Delta], Delta]]] = {}
         for req in progressed:
-            new = req.output_ids[req.num_reported :]
-            req.num_reported = len(req.output_ids)
-            delta = Delta(req.request_id, new, req.finished, req.finish_reason, req.error, len(req.prompt_ids), len(req.output_ids))
+            resolved = req.num_resolved  # pipelined steps: later ids may still be on the device
+            new = req.output_ids[req.num_reported : resolved]
+            req.num_reported = resolved
+            delta = Delta(req.request_id, new, req.finished, req.finish_reason, req.error, len(req.prompt_ids), resolved)
             if req.finished:
                 for hook in self.finish_hooks:
                     hook(req)

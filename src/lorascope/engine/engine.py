@@ -1,5 +1,15 @@
 """LLMEngine: the wiring. `add_request` validates and queues; `step` schedules, runs the model once,
-samples, and finishes requests. Everything else lives in the parts it wires together."""
+samples, and finishes requests. Everything else lives in the parts it wires together.
+
+Pipelined steps (`async_scheduling`, on by default on CUDA): when every request that samples in a
+step is greedy (no logits kept, no min_tokens pending), the step's tokens stay on the device and each
+sampler gets a PENDING output id; `step` then returns without waiting for them, and the next `step`
+schedules and launches step n+1 (whose inputs read those tokens on the device) before it waits for step
+n's tokens and settles them (stop ids, streaming). The host's work thus runs beside the device's.
+What this costs: a request that stops on a stop id computes one extra token, which is thrown away; one
+that ends by length leaves the scheduler when its last token is launched. Any other step runs in
+lockstep, as before: it settles the step in flight, then samples on the host.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +26,8 @@ from lorascope.adapters.peft import AdapterError
 from lorascope.adapters.source import AdapterSource, DirectorySource
 from lorascope.config import ConfigError, EngineConfig
 from lorascope.engine.kv_cache import BlockManager
-from lorascope.engine.request import Request
-from lorascope.engine.runner import ModelRunner
+from lorascope.engine.request import PENDING, Request, Status
+from lorascope.engine.runner import ModelRunner, SampledTokens
 from lorascope.engine.sampling import SamplingParams, sample
 from lorascope.engine.scheduler import Scheduler
 from lorascope.model.config import LORA_TARGET_MODULES
@@ -73,6 +83,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.steps: deque[StepRecord] = deque(maxlen=100_000)
         self._ids = itertools.count()
+        self.pipelined = device.type == "cuda" if cfg.async_scheduling is None else cfg.async_scheduling
+        self._inflight: tuple[list[Request], SampledTokens] | None = None  # a pipelined step's samplers and tokens
 
     def _default_num_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
         c = self.model_cfg
@@ -156,11 +168,12 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.finished:
+            req.drop_pending()
             self.scheduler.finish(req, "abort")
             req.finish_time = time.monotonic()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def memory_bytes(self) -> dict[str, int]:
         """Where the memory goes: base weights, the KV-cache pool, the device adapter slots
@@ -175,35 +188,86 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[Request]:
-        """Run one step. Returns the requests that produced a token or finished in it."""
+        """Run one step. Returns the requests that produced a token or finished in it (with pipelined
+        steps: whose tokens of the previous step reached the host now)."""
         start = time.perf_counter()
         out = self.scheduler.schedule()
-        done = out.failed
+        progressed = list(out.failed)
         if not out.scheduled:
-            if self.scheduler.has_work() and not done:
+            progressed += self._settle()
+            if self.scheduler.has_work() and not progressed:
                 self.cache.wait_for_loads(0.05)  # nothing runnable: waiting and parked requests wait on loads
-            return self._forget(done)
+            return self._report(progressed)
         samplers, logits = self.runner.execute(out.scheduled, self.cache.slot_of.__getitem__)
         for req, n in out.scheduled:
             req.num_computed += n
-        progressed = list(done)
-        if logits is not None:
-            raw = logits.clone() if any(r.params.return_logits for r in samplers) else logits
-            tokens = sample(
-                logits,
-                [r.params for r in samplers],
-                [r.generator for r in samplers],
-                [len(r.output_ids) for r in samplers],
-                self.eos_ids,
-            )
-            now = time.monotonic()
-            for i, (req, token) in enumerate(zip(samplers, tokens, strict=True)):
-                self._append(req, token, raw[i] if req.params.return_logits else None, now)
-                progressed.append(req)
+        if logits is not None and self.pipelined and all(map(self._samples_on_device, samplers)):
+            tokens = self.runner.sample_greedy(logits)
+            for i, req in enumerate(samplers):
+                req.output_ids.append(PENDING)
+                req.pending += 1
+                req.pending_idx = i
+                if len(req.output_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+                    self.scheduler.finish(req, "length")  # leaves the batch now; done once its tokens arrive
+            progressed += self._settle()
+            self._inflight = (samplers, tokens)
+        else:
+            progressed += self._settle()
+            if logits is not None:
+                live = [i for i, r in enumerate(samplers) if r.status is not Status.FINISHED]  # not stopped meanwhile
+                if len(live) < len(samplers):
+                    samplers, logits = [samplers[i] for i in live], logits[live]
+                raw = logits.clone() if any(r.params.return_logits for r in samplers) else logits
+                tokens_now = sample(
+                    logits,
+                    [r.params for r in samplers],
+                    [r.generator for r in samplers],
+                    [len(r.output_ids) for r in samplers],
+                    self.eos_ids,
+                )
+                now = time.monotonic()
+                for i, (req, token) in enumerate(zip(samplers, tokens_now, strict=True)):
+                    self._append(req, token, raw[i] if req.params.return_logits else None, now)
+                    progressed.append(req)
         self.steps.append(
             StepRecord(out.step, start, time.perf_counter() - start, len(out.scheduled), out.num_tokens,
                        len(out.adapters), out.skipped, len(out.preempted), out.parked)
         )
+        return self._report(progressed)
+
+    def _samples_on_device(self, req: Request) -> bool:
+        p = req.params
+        return p.greedy and not p.return_logits and len(req.output_ids) >= p.min_tokens
+
+    def _settle(self) -> list[Request]:
+        """Wait for the pipelined step in flight, if any, and settle its tokens."""
+        if self._inflight is None:
+            return []
+        samplers, tokens = self._inflight
+        self._inflight = None
+        values = tokens.tolist()
+        now = time.monotonic()
+        settled = []
+        for req, token in zip(samplers, values, strict=True):
+            if req.pending == 0:  # stopped or aborted since: its token is thrown away
+                continue
+            req.output_ids[len(req.output_ids) - req.pending] = token
+            req.pending -= 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            p = req.params
+            if token in p.stop_token_ids or (token in self.eos_ids and not p.ignore_eos):
+                req.drop_pending()  # the step launched since computed one more token: not kept
+                if req.status is Status.FINISHED:
+                    req.finish_reason = "stop"  # it had reached its length too: the stop id wins, as in _append
+                else:
+                    self.scheduler.finish(req, "stop")
+            if req.finished:
+                req.finish_time = now
+            settled.append(req)
+        return settled
+
+    def _report(self, progressed: list[Request]) -> list[Request]:
         return self._forget([r for r in progressed if r.finished]) + [r for r in progressed if not r.finished]
 
     def _append(self, req: Request, token: int, logits: torch.Tensor | None, now: float) -> None:

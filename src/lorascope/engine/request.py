@@ -10,6 +10,10 @@ import torch
 
 from lorascope.engine.sampling import SamplingParams
 
+# an output token sampled on the device whose value has not reached the host yet (pipelined steps,
+# engine.py): the next step reads it from the device; `Request.pending` counts them
+PENDING = -1
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -42,6 +46,10 @@ class Request:
     logits: list[torch.Tensor] = field(default_factory=list)
     # set by the loop that hands out outputs: how many tokens were already reported
     num_reported: int = 0
+    # pipelined steps: the last `pending` output ids are PENDING; the newest one is row `pending_idx`
+    # of its step's device-sampled tokens
+    pending: int = 0
+    pending_idx: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -57,9 +65,21 @@ class Request:
         return self.prompt_ids[start:] + self.output_ids[: end - p]
 
     @property
+    def num_resolved(self) -> int:
+        """Output tokens whose values are known on the host."""
+        return len(self.output_ids) - self.pending
+
+    def drop_pending(self) -> None:
+        """Forget the unresolved tokens (the request stopped or was aborted before they arrived)."""
+        if self.pending:
+            del self.output_ids[-self.pending :]
+            self.pending = 0
+
+    @property
     def wait_steps(self) -> int | None:
         return None if self.admitted_step is None else self.admitted_step - self.arrival_step
 
     @property
     def finished(self) -> bool:
-        return self.status is Status.FINISHED
+        """Finished, and every token it produced is on the host."""
+        return self.status is Status.FINISHED and self.pending == 0

@@ -13,6 +13,12 @@ the step rewrites in place: token ids, positions, KV slot rows, the attention me
 capacity: max_num_seqs sequences) and the LoRA metadata (fixed capacity). Padding tokens write their
 KV to a scratch row past the pool; padding sequences have no tokens. Nothing in the captured step
 syncs with the host; logits of the sampling rows are computed after the replay.
+
+Pipelined steps (engine.py): `sample_greedy` takes the argmax on the device into `sampled` and starts
+its copy to the host without waiting; a token still PENDING on the host is read from `sampled` by the
+next step on the device (`src`: the row it was sampled in), so the host can build and launch step n+1
+while the GPU runs step n. A graph's pinned staging buffers are rewritten only after the copies out of
+them that the previous use started have run (an event per graph).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorascope.engine.request import Request
+from lorascope.engine.request import PENDING, Request
 from lorascope.kernels.attention import AttentionMetadata
 from lorascope.model.context import StepContext
 from lorascope.model.decoder import Decoder
@@ -69,6 +75,11 @@ class ModelRunner:
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(cfg.num_hidden_layers)
         ]
+        # pipelined steps: the tokens sampled on the device, and two host buffers they are copied to
+        self.sampled = torch.zeros(max(1, max_num_seqs), dtype=torch.long, device=device)
+        pin = device.type == "cuda"
+        self._sampled_host = [torch.zeros(max(1, max_num_seqs), dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._parity = 0
         # TEST-ONLY fault injection (tests/test_verify.py: `lorascope verify` must catch a broken engine):
         # LORASCOPE_TEST_FAULT_SWAP_ADAPTERS=A,B runs adapter A with B's slot and B with A's while both are
         # resident. Read once here; without the variable `execute` is untouched.
@@ -112,9 +123,14 @@ class ModelRunner:
         segments: list[tuple[int, int, int]] = []
         sample_rows: list[int] = []
         samplers: list[Request] = []
+        src: list[int] = []  # per token: the `sampled` row of a PENDING token (else 0)
+        pending = False
         for req, n in items:
             start = len(input_ids)
             input_ids += req.tokens(req.num_computed, req.num_computed + n)
+            src += [0] * n
+            if input_ids[-1] == PENDING:  # only a decode token can be pending (engine.py)
+                src[-1], pending = req.pending_idx, True
             positions += range(req.num_computed, req.num_computed + n)
             q_lens.append(n)
             kv_lens.append(req.num_computed + n)
@@ -132,6 +148,8 @@ class ModelRunner:
                                        varlen=self.use_triton)
         ctx = StepContext(attn, self.kv_caches, self._lora_batch(segments) if segments else None)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
+        if pending:
+            ids = self._fill_pending(ids, torch.tensor(src, dtype=torch.long, device=self.device))
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, ctx)
         if not samplers:
@@ -148,7 +166,7 @@ class ModelRunner:
         bucket = next(b for b in self.token_buckets if b >= num_tokens)
         graph = self.graphs.get(bucket) or self._capture(bucket)
         bs = self.block_size
-        host = np.zeros((3, bucket), dtype=np.int64)  # ids, positions, KV rows
+        host = np.zeros((4, bucket), dtype=np.int64)  # ids, positions, KV rows, `sampled` row of a PENDING id
         host[2, num_tokens:] = self.scratch_row
         meta = np.zeros(tuple(graph.host_meta.shape), dtype=np.int32)  # per sequence: q_start, q_len, seq_len, table
         meta[len(items) :, 0] = num_tokens  # padding sequences start at the end of the used tokens
@@ -156,12 +174,15 @@ class ModelRunner:
         samplers: list[Request] = []
         sample_rows: list[int] = []
         start = 0
+        pending = False
         for i, (req, n) in enumerate(items):
             p0 = req.num_computed
             end = start + n
             pos = np.arange(p0, p0 + n)
             table = np.asarray(req.block_table[: -(-(p0 + n) // bs)], dtype=np.int64)
             host[0, start:end] = req.tokens(p0, p0 + n)
+            if host[0, end - 1] == PENDING:
+                host[3, end - 1], pending = req.pending_idx, True
             host[1, start:end] = pos
             host[2, start:end] = table[pos // bs] * bs + pos % bs
             meta[i, :3] = start, n, p0 + n
@@ -176,8 +197,10 @@ class ModelRunner:
                 samplers.append(req)
                 sample_rows.append(end - 1)
             start = end
-        # the pinned staging buffers are rewritten next step only after this step's logits reached
-        # the host (sampling), so the asynchronous copies below have finished by then
+        # the copies out of the pinned staging buffers that this graph's last use started must have
+        # run before they are rewritten (with pipelined steps that use may still be queued)
+        if graph.staged is not None:
+            graph.staged.synchronize()
         graph.host.copy_(torch.from_numpy(host))
         graph.host_meta.copy_(torch.from_numpy(meta))
         graph.dev.copy_(graph.host, non_blocking=True)
@@ -186,11 +209,37 @@ class ModelRunner:
             store = self.store
             graph.lora_meta.update(segments, {m: store.ranks[m] for m in store.modules},
                                    {m: store.scales[m] for m in store.modules})
+        if self.device.type == "cuda":
+            if graph.staged is None:
+                graph.staged = torch.cuda.Event()
+            graph.staged.record()
+        if pending:
+            ids = graph.dev[0]
+            ids.copy_(self._fill_pending(ids, graph.dev[3]))
         graph.graph.replay()
         if not samplers:
             return [], None
         rows = torch.tensor(sample_rows, dtype=torch.long).to(self.device, non_blocking=True)
         return samplers, self.model.compute_logits(graph.hidden[rows]).float()
+
+    def _fill_pending(self, ids: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+        """PENDING ids replaced, on the device, by the tokens the previous step sampled there."""
+        return torch.where(ids == PENDING, self.sampled[src], ids)
+
+    def sample_greedy(self, logits: torch.Tensor) -> SampledTokens:
+        """Greedy tokens of `logits` [n, vocab], kept on the device for the next step (`sampled`) and
+        copied to the host without waiting; `SampledTokens.tolist()` waits for them."""
+        n = logits.shape[0]
+        out = self.sampled[:n]
+        torch.argmax(logits, dim=-1, out=out)
+        host = self._sampled_host[self._parity][:n]  # the buffer of two steps ago: read by then
+        self._parity ^= 1
+        host.copy_(out, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return SampledTokens(host, event)
 
     def capture_all(self) -> None:
         """Capture every token bucket now (warm-up), largest first, instead of on first use."""
@@ -206,7 +255,7 @@ class ModelRunner:
 
         dev = self.device
         cap = min(self.max_num_seqs, bucket)  # a sequence has at least one token
-        host = torch.zeros(3, bucket, dtype=torch.long).pin_memory()
+        host = torch.zeros(4, bucket, dtype=torch.long).pin_memory()
         host[2] = self.scratch_row
         host_meta = torch.zeros(cap, 3 + self.max_blocks, dtype=torch.int32).pin_memory()
         dev_buf = host.to(dev)
@@ -237,7 +286,7 @@ class ModelRunner:
         with torch.cuda.graph(graph, pool=self._pool):
             hidden = step()
         self._pool = graph.pool()
-        captured = _StepGraph(graph, host, host_meta, dev_buf, dev_meta, lora_meta, hidden)
+        captured = _StepGraph(graph, host, host_meta, dev_buf, dev_meta, lora_meta, hidden, None)
         self.graphs[bucket] = captured
         return captured
 
@@ -262,12 +311,26 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 32
 @dataclass(slots=True)
 class _StepGraph:
     graph: torch.cuda.CUDAGraph
-    host: torch.Tensor  # pinned int64 [3, bucket]: ids, positions, KV rows
+    host: torch.Tensor  # pinned int64 [4, bucket]: ids, positions, KV rows, `sampled` rows of PENDING ids
     host_meta: torch.Tensor  # pinned int32 [capacity, 3 + max_blocks]: q_start, q_len, seq_len, block table
     dev: torch.Tensor  # the device copies the graph reads
     dev_meta: torch.Tensor
     lora_meta: object | None  # LoRAMeta with the same capacity, max_len_bound = bucket
     hidden: torch.Tensor  # [bucket, hidden] output of the captured step
+    staged: torch.cuda.Event | None  # recorded after the last use's copies out of `host`/`host_meta`
+
+
+@dataclass(slots=True)
+class SampledTokens:
+    """A step's greedy tokens on their way to the host."""
+
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+
+    def tolist(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _triton_available() -> bool:
