@@ -6,7 +6,8 @@ segment: the LoRA metadata is then a short list of (start, end, slot), built onc
 
 On CUDA (with triton) the attention of the whole step, any mix of decode tokens and prefill chunks,
 is one Triton kernel (kernels/varlen_attention_triton.py), the elementwise work runs in fused kernels
-(kernels/fused_triton.py), and every step of at most `max_num_batched_tokens` (capped at 1024) tokens
+(kernels/fused_triton.py), q/k/v and gate/up run as one GEMM each (`Decoder.pack_projections`;
+LORASCOPE_UNPACKED=1 keeps seven), and every step of at most `max_num_batched_tokens` (capped at 1024) tokens
 replays a CUDA graph captured for the smallest token bucket that holds it (vLLM's "capture sizes",
 extended to mixed steps; `enforce_eager` turns this off). The graph reads static device buffers that
 the step rewrites in place: token ids, positions, KV slot rows, the attention metadata (fixed
@@ -62,6 +63,8 @@ class ModelRunner:
         self.use_graphs = self.use_triton and not enforce_eager
         # fused elementwise kernels on the GPU; LORASCOPE_UNFUSED=1 keeps torch's ops (A/B benchmarks)
         model.fused = self.use_triton and not os.environ.get("LORASCOPE_UNFUSED")
+        if self.use_triton and not os.environ.get("LORASCOPE_UNPACKED"):
+            model.pack_projections()  # one GEMM for q/k/v and one for gate/up; before any graph capture
         self.max_num_seqs = max_num_seqs
         top = min(max_num_batched_tokens, GRAPH_BUCKETS[-1])
         self.token_buckets = [b for b in GRAPH_BUCKETS if b < top] + [top]

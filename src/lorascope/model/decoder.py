@@ -8,7 +8,7 @@ from torch import nn
 
 from lorascope.model.config import ModelConfig
 from lorascope.model.context import StepContext
-from lorascope.model.layers import DecoderLayer, RMSNorm, Rotary
+from lorascope.model.layers import DecoderLayer, RMSNorm, Rotary, pack_linears, unpack_linears
 from lorascope.model.lora import LoRASlotStore
 
 
@@ -57,3 +57,24 @@ class Decoder(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
                 lin.store = store
+
+    def pack_projections(self) -> None:
+        """Per layer, q/k/v in one [q + 2 kv, hidden] weight and gate/up in one [2 I, hidden] weight (and
+        qkv biases likewise), so a step runs 4 weight GEMMs per layer instead of 7: the small k/v GEMMs
+        alone reach poor bandwidth. Each linear's weight becomes a view of the packed tensor (no extra
+        memory; parameter names and state_dict unchanged). Call it once the weights are in place (a
+        later reload or `.to()` replaces the views: call it again), and before CUDA graphs are captured
+        (a graph keeps reading the weights it was captured with); packing twice changes nothing."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.packed = pack_linears(attn.qkv, attn.packed)
+            mlp.packed = pack_linears(mlp.gate_up, mlp.packed)
+
+    def unpack_projections(self) -> None:
+        """Undo `pack_projections`: one weight per linear again (A/B benchmarks)."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for group, lins in ((attn, attn.qkv), (mlp, mlp.gate_up)):
+                if group.packed is not None:
+                    unpack_linears(lins)
+                    group.packed = None

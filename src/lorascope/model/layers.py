@@ -3,7 +3,9 @@ attention over the paged KV cache, SwiGLU MLP. Parameter names are Hugging Face'
 
 from __future__ import annotations
 
+import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -86,26 +88,100 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         store = self.store
         if store is not None and ctx.lora is not None and self.key in store.a:
-            module = self.key[1]
             if ctx.lora.kernel_meta is not None:
                 from lorascope.kernels.lora_triton import lora_grouped_triton
 
-                lora_grouped_triton(x, y, store.a[self.key], store.b[self.key], None, None, None, meta=ctx.lora.kernel_meta[module])
+                lora_grouped_triton(x, y, store.a[self.key], store.b[self.key], None, None, None,
+                                    meta=ctx.lora.kernel_meta[self.key[1]])
             else:
-                lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module], ctx.lora.segments)
+                self.add_lora(x, y, ctx)
         return y
 
+    def add_lora(self, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> None:
+        """y += this module's LoRA deltas with torch's grouped op, in place (y may be a column slice)."""
+        store = self.store
+        if store is not None and ctx.lora is not None and self.key in store.a:
+            module = self.key[1]
+            lora_grouped(x, y, store.a[self.key], store.b[self.key], store.ranks[module], store.scales[module],
+                         ctx.lora.segments)
 
-def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext) -> list[torch.Tensor]:
-    """Several LoRA-capable linears that read the same x (q/k/v, gate/up). With the Triton LoRA op
-    (CUDA), their LoRA deltas go through one shrink and one expand launch for all of them
-    (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own."""
+
+@dataclass(slots=True)
+class PackedProjection:
+    """The weights of linears that read the same x (q/k/v, gate/up) stacked in one contiguous
+    [sum(out), in] tensor, so one GEMM computes them all. Each linear's `weight` (and `bias`) is a
+    row-slice view of it: no second copy, and the HF parameter names and state_dict stay as they were.
+
+    `bounds` are the output column offsets (0, out_0, out_0 + out_1, ...); `ptrs` the data pointers the
+    views had when packed, by which `backs` tells whether they still are views (a `.to()`, a reload or a
+    `param.data = ...` replaces them with tensors of their own)."""
+
+    weight: torch.Tensor  # [sum(out), in]
+    bias: torch.Tensor | None  # [sum(out)]
+    bounds: tuple[int, ...]
+    ptrs: tuple[int, ...]
+
+    def backs(self, lins: tuple[LoRALinear, ...]) -> bool:
+        return _ptrs(lins) == self.ptrs
+
+
+def _ptrs(lins: tuple[LoRALinear, ...]) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for lin in lins for t in (lin.weight, lin.bias) if t is not None)
+
+
+@torch.no_grad()
+def pack_linears(lins: tuple[LoRALinear, ...], current: PackedProjection | None = None) -> PackedProjection:
+    """Stack `lins`' weights (and biases) into one tensor and make theirs views of it; `current`, when
+    it still backs them, is returned as it is (packing twice changes nothing)."""
+    if current is not None and current.backs(lins):
+        return current
+    w0 = lins[0].weight
+    if any(lin.weight.shape[1] != w0.shape[1] or lin.weight.dtype != w0.dtype or lin.weight.device != w0.device
+           or (lin.bias is None) != (lins[0].bias is None) for lin in lins):
+        raise ValueError("packed linears must share fan_in, dtype, device and whether they have a bias")
+    bounds = (0, *itertools.accumulate(lin.weight.shape[0] for lin in lins))
+    weight = torch.cat([lin.weight for lin in lins])  # [sum(out), in]
+    bias = torch.cat([lin.bias for lin in lins]) if lins[0].bias is not None else None
+    for lin, a, b in zip(lins, bounds, bounds[1:]):
+        lin.weight.data = weight[a:b]  # the old storage is freed here (nothing else holds it)
+        if bias is not None:
+            lin.bias.data = bias[a:b]
+    return PackedProjection(weight, bias, bounds, _ptrs(lins))
+
+
+@torch.no_grad()
+def unpack_linears(lins: tuple[LoRALinear, ...]) -> None:
+    """Give each linear a weight (and bias) of its own again (A/B benchmarks of packing)."""
+    for lin in lins:
+        lin.weight.data = lin.weight.clone()
+        if lin.bias is not None:
+            lin.bias.data = lin.bias.clone()
+
+
+def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
+            packed: PackedProjection | None = None) -> list[torch.Tensor]:
+    """Several LoRA-capable linears that read the same x (q/k/v, gate/up).
+
+    With `packed` (Decoder.pack_projections) the base products are one GEMM over the stacked weight and
+    the outputs are column slices of its [T, sum(out)] result: row stride sum(out), columns contiguous,
+    which every consumer takes (views, the fused kernels, lora_multi_triton pass row strides). With the
+    Triton LoRA op (CUDA), the LoRA deltas go through one shrink and one expand launch for all of them
+    (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own, in place."""
+    if packed is not None:
+        if not packed.backs(lins):
+            raise RuntimeError("the packed projection no longer backs its linears' weights (replaced after "
+                               "Decoder.pack_projections()?); call pack_projections() again")
+        y = F.linear(x, packed.weight, packed.bias)  # [T, sum(out)]
+        ys = [y[:, a:b] for a, b in zip(packed.bounds, packed.bounds[1:])]
+    else:
+        ys = [F.linear(x, lin.weight, lin.bias) for lin in lins]
     meta = ctx.lora.kernel_meta if ctx.lora is not None else None
     if meta is None:
-        return [lin(x, ctx) for lin in lins]
+        for lin, y in zip(lins, ys):
+            lin.add_lora(x, y, ctx)
+        return ys
     from lorascope.kernels.lora_triton import lora_multi_triton
 
-    ys = [F.linear(x, lin.weight, lin.bias) for lin in lins]
     targets = [(y, lin.store.a[lin.key], lin.store.b[lin.key], meta[lin.key[1]])
                for lin, y in zip(lins, ys) if lin.store is not None and lin.key in lin.store.a]
     if targets:
@@ -124,10 +200,15 @@ class Attention(nn.Module):
         self.v_proj = LoRALinear(cfg.hidden_size, cfg.kv_size, bias, layer, "v_proj")
         self.o_proj = LoRALinear(cfg.q_size, cfg.hidden_size, False, layer, "o_proj")
         self.rotary = [rotary]  # a list: shared, not a registered submodule of every layer
+        self.packed: PackedProjection | None = None  # q/k/v in one weight (Decoder.pack_projections)
+
+    @property
+    def qkv(self) -> tuple[LoRALinear, LoRALinear, LoRALinear]:
+        return self.q_proj, self.k_proj, self.v_proj
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj), ctx)
+        q, k, v = project(x, self.qkv, ctx, self.packed)  # packed: column slices, row stride q + 2 kv
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
@@ -148,9 +229,14 @@ class MLP(nn.Module):
         self.gate_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False, layer, "gate_proj")
         self.up_proj = LoRALinear(cfg.hidden_size, cfg.intermediate_size, False, layer, "up_proj")
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.hidden_size, False, layer, "down_proj")
+        self.packed: PackedProjection | None = None  # gate/up in one weight (Decoder.pack_projections)
+
+    @property
+    def gate_up(self) -> tuple[LoRALinear, LoRALinear]:
+        return self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
-        gate, up = project(x, (self.gate_proj, self.up_proj), ctx)
+        gate, up = project(x, self.gate_up, ctx, self.packed)  # packed: column slices, row stride 2 I
         return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
 
 
