@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,73 @@ def test_engine_serves_spec_like_the_directory(tmp_path: Path) -> None:
     # the adapters matter: with adapters dropped, the adapted requests' tokens change
     base = _generate(str(tmp_path), [(p, None) for p, _ in reqs])
     assert any(base[i] != from_spec[i] for i, n in enumerate(names) if n is not None)
+
+
+def test_load_order_does_not_matter() -> None:
+    # adapter i depends on (seed, i) alone: loads in any order, on fresh or used sources, agree
+    cfg = resolve_config("tiny")
+    forward = SyntheticSource(6, [4, 8, 16], QV, seed=5)
+    backward = SyntheticSource(6, [4, 8, 16], QV, seed=5)
+    want = {n: forward.load(n, cfg, 16, torch.bfloat16) for n in forward.names()}
+    for name in reversed(backward.names()):
+        _assert_same(backward.load(name, cfg, 16, torch.bfloat16), want[name], torch.bfloat16)
+    _assert_same(forward.load("a0002", cfg, 16, torch.bfloat16), want["a0002"], torch.bfloat16)
+
+
+def test_ranks_shape_every_tensor() -> None:
+    cfg = resolve_config("tiny-qwen2")
+    source = SyntheticSource(3, [4, 8, 16], ALL)
+    for name, r in zip(source.names(), (4, 8, 16), strict=True):
+        adapter = source.load(name, cfg, 16, torch.float32)
+        assert adapter.rank == source.rank_of(name) == r
+        assert adapter.scales == dict.fromkeys(ALL, 2.0)
+        assert len(adapter.weights) == cfg.num_hidden_layers * len(ALL)
+        for (_, module), (a, b) in adapter.weights.items():
+            fan_in, fan_out = cfg.module_shape(module)
+            assert a.shape == (r, fan_in) and b.shape == (fan_out, r)
+            assert a.is_contiguous() and b.is_contiguous()
+
+
+def _top_level_torch_calls(load: Callable[[], object]) -> int:
+    with warnings.catch_warnings():  # some torch releases warn about the profiler's cycles on entry
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            load()
+    return sum(1 for e in prof.events() if e.cpu_parent is None)
+
+
+def test_a_load_is_a_few_torch_calls_on_one_buffer() -> None:
+    # loader threads run beside the engine thread, and every torch call takes the GIL back from it:
+    # a load's calls must not grow with the layers (the 8B shape has 32 layers, 128 q/v tensors)
+    source = SyntheticSource(2, 16, QV, pin_memory=False)
+    _top_level_torch_calls(lambda: source.load("a0000", resolve_config("tiny"), 16, torch.bfloat16))  # the profiler's own first-use events
+    calls = {}
+    for preset in ("tiny", "llama-3.1-8b"):
+        cfg = resolve_config(preset)
+        calls[preset] = _top_level_torch_calls(lambda cfg=cfg: source.load("a0001", cfg, 16, torch.bfloat16))
+        adapter = source.load("a0001", cfg, 16, torch.bfloat16)
+        storages = {t.untyped_storage().data_ptr() for pair in adapter.weights.values() for t in pair}
+        assert len(storages) == 1  # views of one buffer: one pinned allocation on a CUDA host
+        assert adapter.size_bytes == sum(t.numel() * 2 for pair in adapter.weights.values() for t in pair)
+    assert calls["tiny"] == calls["llama-3.1-8b"] <= 25, calls
+
+
+def test_pin_memory_default() -> None:
+    assert SyntheticSource(1).pin_memory is torch.cuda.is_available()
+    assert SyntheticSource(1, pin_memory=False).pin_memory is False
+    cfg = resolve_config("tiny")
+    assert not any(a.is_pinned() for a, _ in SyntheticSource(1, pin_memory=False).load("a0000", cfg, 16, torch.bfloat16).weights.values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_pinned_load_is_what_the_cache_keeps() -> None:
+    # the adapter cache pins every host tensor on a CUDA engine; pinned views come back as they are
+    cfg = resolve_config("tiny")
+    source = SyntheticSource(2, [8, 16], QV, seed=1, pin_memory=True)
+    unpinned = SyntheticSource(2, [8, 16], QV, seed=1, pin_memory=False)
+    for dtype in (torch.bfloat16, torch.float32):
+        adapter = source.load("a0001", cfg, 16, dtype)
+        for a, b in adapter.weights.values():
+            assert a.is_pinned() and b.is_pinned()
+            assert a.pin_memory() is a and b.pin_memory() is b
+        _assert_same(adapter, unpinned.load("a0001", cfg, 16, dtype), dtype)

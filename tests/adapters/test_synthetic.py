@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from lorascope.adapters.peft import list_adapter_dirs, read_peft_adapter
-from lorascope.adapters.synthetic import DELTA_TO_BASE, adapter_names, make_adapters
+from lorascope.adapters.synthetic import DELTA_TO_BASE, adapter_names, make_adapters, synthetic_adapter
 from lorascope.model.config import LORA_TARGET_MODULES
 from lorascope.model.weights import load_model, resolve_config, save_model
 
@@ -120,3 +120,29 @@ def test_thousand_tiny_adapters_are_fast(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - start
     assert len(paths) == 1000 and paths[-1].name == "a0999"
     assert elapsed < 10, f"1,000 tiny adapters took {elapsed:.1f} s"
+
+
+def test_values_are_lora_init_like(tmp_path: Path) -> None:
+    # uniform in [-sqrt(3) std, sqrt(3) std]: A with std 1/sqrt(in) (PEFT's lora_A init is uniform too),
+    # zero mean, no value repeated so often that the draw looks degenerate; bfloat16 numbers exactly
+    (path,) = make_adapters(tmp_path, "tiny", 1, 16, ["q_proj", "down_proj"])
+    adapter = read_peft_adapter(path, TINY, 16)
+    for module in ("q_proj", "down_proj"):
+        fan_in, _ = TINY.module_shape(module)
+        a = torch.cat([adapter.weights[layer, module][0].flatten() for layer in range(TINY.num_hidden_layers)])
+        std = 1 / math.sqrt(fan_in)
+        assert a.std().item() == pytest.approx(std, rel=0.05)
+        assert abs(a.mean().item()) < 0.05 * std
+        assert a.abs().max().item() <= math.sqrt(3) * std * 1.01
+        assert a.unique().numel() > 0.05 * a.numel()
+        assert torch.equal(a, a.to(torch.bfloat16).float())
+
+
+def test_same_adapter_whatever_the_dtype() -> None:
+    _, _, half = synthetic_adapter(TINY, [8], ["q_proj", "v_proj"], None, 2, 3, torch.bfloat16)
+    _, _, full = synthetic_adapter(TINY, [8], ["q_proj", "v_proj"], None, 2, 3, torch.float32)
+    _, _, fp16 = synthetic_adapter(TINY, [8], ["q_proj", "v_proj"], None, 2, 3, torch.float16)
+    assert list(half) == list(full) == sorted(full)
+    for key, (a, b) in half.items():
+        assert torch.equal(a.float(), full[key][0]) and torch.equal(b.float(), full[key][1])
+        assert torch.equal(full[key][0].half(), fp16[key][0]) and torch.equal(full[key][1].half(), fp16[key][1])

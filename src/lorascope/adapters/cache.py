@@ -261,7 +261,7 @@ class AdapterCache:
         start = time.perf_counter()
         try:
             adapter = self.source.load(name, self.cfg, self.store.max_rank, self.dtype)
-            if self.on_cuda:
+            if self.on_cuda and not _pinned(adapter):  # a synthetic source hands out views of one pinned buffer
                 adapter.weights = {k: (a.pin_memory(), b.pin_memory()) for k, (a, b) in adapter.weights.items()}
         finally:
             with self._lock:
@@ -286,3 +286,12 @@ class AdapterCache:
             self.host_counters.evictions += 1
         self.host[name] = adapter
         self._host_policy.mark_used(name)
+
+
+
+def _pinned(adapter: HostAdapter) -> bool:
+    """Whether the source handed out pinned tensors. The sources pin all or nothing (a synthetic
+    adapter's tensors are views of one pinned buffer), so one tensor tells: checking or pinning every
+    tensor (128 for an 8B q/v adapter) is GIL traffic the engine thread feels."""
+    first = next(iter(adapter.weights.values()), None)
+    return first is not None and first[0].is_pinned()

@@ -86,6 +86,11 @@ class SyntheticSource:
     ranks[i % len(ranks)]); alpha defaults to 2 * rank. `load_latency_s` is slept before each
     generation (remote storage stand-in). Immutable after construction, so loads may run on any
     number of threads at once.
+
+    A load is a few large torch ops (synthetic.py), so loader threads seldom take the GIL from the
+    engine thread, and its tensors are views of one buffer. With `pin_memory` (default: when CUDA
+    is available) that buffer is page-locked, so the adapter cache's per-tensor pin_memory() finds
+    them pinned and neither allocates nor copies.
     """
 
     def __init__(
@@ -96,6 +101,7 @@ class SyntheticSource:
         alpha: float | None = None,
         seed: int = 0,
         load_latency_s: float = 0.0,
+        pin_memory: bool | None = None,
     ):
         self._ranks, self._targets = check_synthetic(count, rank, list(targets), alpha, "the synthetic source")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -103,6 +109,7 @@ class SyntheticSource:
         if not (math.isfinite(load_latency_s) and load_latency_s >= 0):
             raise ValueError(f"load latency {load_latency_s!r} s is invalid; give a number of seconds >= 0")
         self.count, self.alpha, self.seed, self.load_latency_s = count, alpha, seed, float(load_latency_s)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self._width = max(4, len(str(count - 1)))  # adapter_names' zero padding
 
     @property
@@ -202,10 +209,9 @@ class SyntheticSource:
             )
         if self.load_latency_s:
             time.sleep(self.load_latency_s)
-        r, alpha, weights = synthetic_adapter(cfg, self._ranks, self._targets, self.alpha, self.seed, index, dtype)
+        r, alpha, weights = synthetic_adapter(cfg, self._ranks, self._targets, self.alpha, self.seed, index, dtype, self.pin_memory)
         # read_peft_adapter's layout: keys in (layer, module) order, one scale per module, the real rank.
-        ordered = {key: weights[key] for key in sorted(weights)}
-        return HostAdapter(name=name, weights=ordered, scales=dict.fromkeys(self._targets, alpha / r), rank=r)
+        return HostAdapter(name=name, weights=weights, scales=dict.fromkeys(self._targets, alpha / r), rank=r)
 
 
 def _int(text: str) -> int | None:

@@ -19,6 +19,7 @@ from lorascope.model.weights import init_std, resolve_config
 # The LoRA delta's std relative to the base layer's output std: large enough to move the logits
 # clearly, small enough that every layer adapted at once does not swamp the base model.
 DELTA_TO_BASE = 0.5
+_CHUNK = 16_384  # elements per serial piece (_chunks)
 
 
 def adapter_names(count: int) -> list[str]:
@@ -30,9 +31,10 @@ def adapter_names(count: int) -> list[str]:
 def _b_std(cfg: ModelConfig, module: str, rank: int, scale: float) -> float:
     """sigma_B with scale * sigma_B * sqrt(r) = DELTA_TO_BASE * init_std * sqrt(in).
 
-    For unit-RMS input, A ~ N(0, 1/in) gives A x entries of unit variance, so the delta's std is
-    scale * sigma_B * sqrt(r); the base layer's output std is init_std(module) * sqrt(in), with the
-    std the random base model draws that module with (model/weights.py).
+    For unit-RMS input, A with zero-mean entries of variance 1/in gives A x entries of unit
+    variance, so the delta's std is scale * sigma_B * sqrt(r); the base layer's output std is
+    init_std(module) * sqrt(in), with the std the random base model draws that module with
+    (model/weights.py).
     """
     fan_in, _ = cfg.module_shape(module)
     return DELTA_TO_BASE * init_std(cfg, module) * math.sqrt(fan_in) / (scale * math.sqrt(rank))
@@ -45,32 +47,54 @@ def _generator_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _adapter_weights(
-    cfg: ModelConfig, targets: list[str], rank: int, scale: float, seed: int, index: int, dtype: torch.dtype
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    # One generator per adapter, seeded from (seed, index) alone, drawing one flat buffer that the
-    # tensors are views of: one normal_ and one cast per adapter, one scaling mul_ per module block.
+def _chunks(sizes: list[int]) -> list[int]:
+    """`sizes` cut into pieces below TensorIterator's grain (32,768 elements), so that torch runs an
+    op on one of them on the calling thread: a loader thread uses one core, not the intra-op pool."""
+    return [min(_CHUNK, size - start) for size in sizes for start in range(0, size, _CHUNK)]
+
+
+def _draw(sizes: list[int], stds: list[float], seed: int, index: int, out: torch.Tensor) -> None:
+    """Fill the flat buffer `out` with uniform values, block i holding sizes[i] values of std stds[i].
+
+    Loads run on loader threads beside the engine's, so this is a handful of torch calls whatever
+    the model's shape (each call re-takes the GIL, ~0.5 ms behind a busy engine thread), each of
+    them running serially (_chunks). The generator is the CPU cost: 16 random bits per value, four
+    per 64-bit draw, is ~4x cheaper than normal_ and fills bfloat16's 8-bit mantissa. Uniform, like
+    PEFT's kaiming-uniform lora_A init; the bound sqrt(3) * std gives the std.
+    """
+    total = sum(sizes)
     gen = torch.Generator().manual_seed(_generator_seed(seed, index))
+    bits = torch.empty(-(-total // 4), dtype=torch.int64).random_(-(2**63), None, generator=gen)  # full 64-bit range
+    pieces = _chunks(sizes)
+    values = torch.empty(total, dtype=torch.bfloat16) if out.dtype != torch.bfloat16 else out
+    dst = values.split(pieces)
+    torch._foreach_copy_(dst, bits.view(torch.int16)[:total].split(pieces))  # integers in [-2^15, 2^15), in bfloat16
+    scales = [math.sqrt(3.0) * std / 2**15 for size, std in zip(sizes, stds, strict=True) for _ in range(-(-size // _CHUNK))]
+    torch._foreach_mul_(dst, scales)
+    if values is not out:  # the bfloat16 values, exactly
+        torch._foreach_copy_(out.split(pieces), dst)
+
+
+def _adapter_weights(
+    cfg: ModelConfig, targets: list[str], rank: int, scale: float, seed: int, index: int, dtype: torch.dtype,
+    pin_memory: bool = False,
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    # One draw per adapter, seeded from (seed, index) alone, into one flat buffer that every tensor is
+    # a view of. The values are bfloat16 numbers whatever `dtype` is (exact in float32), so a float32
+    # file read back in bfloat16 equals a bfloat16 load, and a bfloat16 load is generated in place.
     layers = cfg.num_hidden_layers
     shapes = {m: cfg.module_shape(m) for m in targets}
-    flat = torch.empty(layers * rank * sum(i + o for i, o in shapes.values()), dtype=torch.float32).normal_(generator=gen)
-    blocks: list[tuple[str, slice, slice]] = []
-    offset = 0
-    for module, (fan_in, fan_out) in shapes.items():
-        a_end = offset + layers * rank * fan_in
-        b_end = a_end + layers * fan_out * rank
-        flat[offset:a_end].mul_(1.0 / math.sqrt(fan_in))
-        flat[a_end:b_end].mul_(_b_std(cfg, module, rank, scale))
-        blocks.append((module, slice(offset, a_end), slice(a_end, b_end)))
-        offset = b_end
-    flat = flat.to(dtype)
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
-    for module, a_part, b_part in blocks:
-        fan_in, fan_out = shapes[module]
-        a_all, b_all = flat[a_part].view(layers, rank, fan_in), flat[b_part].view(layers, fan_out, rank)
-        for layer in range(layers):
-            weights[layer, module] = (a_all[layer], b_all[layer])
-    return weights
+    sizes = [n for fan_in, fan_out in shapes.values() for n in (layers * rank * fan_in, layers * fan_out * rank)]
+    stds = [s for m, (fan_in, _) in shapes.items() for s in (1.0 / math.sqrt(fan_in), _b_std(cfg, m, rank, scale))]
+    flat = torch.empty(sum(sizes), dtype=dtype, pin_memory=pin_memory)
+    _draw(sizes, stds, seed, index, flat)
+    parts = flat.split(sizes)
+    per_module: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
+    for i, (module, (fan_in, fan_out)) in enumerate(shapes.items()):
+        # unbind: a module's per-layer views in one call (indexing layer by layer would be a call each)
+        per_module[module] = (parts[2 * i].view(layers, rank, fan_in).unbind(), parts[2 * i + 1].view(layers, fan_out, rank).unbind())
+    # read_peft_adapter's order: (layer, module) sorted
+    return {(layer, m): (per_module[m][0][layer], per_module[m][1][layer]) for layer in range(layers) for m in sorted(per_module)}
 
 
 def check_synthetic(
@@ -94,14 +118,16 @@ def check_synthetic(
 
 
 def synthetic_adapter(
-    cfg: ModelConfig, ranks: list[int], targets: list[str], alpha: float | None, seed: int, index: int, dtype: torch.dtype
+    cfg: ModelConfig, ranks: list[int], targets: list[str], alpha: float | None, seed: int, index: int, dtype: torch.dtype,
+    pin_memory: bool = False,
 ) -> tuple[int, float, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
     """Adapter `index`'s (rank, alpha, weights): rank ranks[index % len(ranks)], alpha 2 * rank unless
-    given, weights (A [rank, in], B [out, rank] per (layer, module)) from (seed, index) alone. What
+    given, weights (A [rank, in], B [out, rank] per (layer, module), in (layer, module) order) from
+    (seed, index) alone, as views of one buffer (in page-locked memory with `pin_memory`). What
     make_adapters writes and SyntheticSource loads; arguments as check_synthetic returns them."""
     r = ranks[index % len(ranks)]
     a = float(2 * r if alpha is None else alpha)
-    return r, a, _adapter_weights(cfg, targets, r, a / r, seed, index, dtype)
+    return r, a, _adapter_weights(cfg, targets, r, a / r, seed, index, dtype, pin_memory)
 
 
 def make_adapters(
