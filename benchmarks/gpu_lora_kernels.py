@@ -18,9 +18,22 @@ engine groups them (T = 32 with 32 adapters: 32 single-token segments), S (slots
 5. Eager back-to-back calls (T = 32, 32 adapters, q_proj): wall time per call with the host's launch
    cost; the host cost of LoRAMeta.build.
 6. A small sweep of the Triton op's split_k / block_n (S = 32), so the heuristics can be checked.
+7. Engine steps (`--steps`, alone: `--steps-only`): what the engine's CUDA graphs run. Per cell, a
+   metadata built as `_capture` builds it (capacity = min(256, bucket), max_len_bound = bucket) and
+   `update`d with the step's segments (one adapter each), then a captured graph of 32 layers'
+   `lora_multi_triton` q + v launch pairs (distinct weights per layer, 512-slot store, idle slots NaN),
+   replayed: us per launch pair, the programs launched (shrink + expand) and the real tiles; "exact":
+   the same step with a meta built for it alone (its grid holds just its real tiles, which a graph
+   replayed for every step of the bucket cannot). --split-k overrides the split-K heuristic. Cells:
+   decode T=32 (32 segments) and T=256 (256), mixed T=160 (30 decode + a 128-token chunk), T=256
+   (32 decode + a 224-token chunk) and T=1024 (4 x 256-token prefills). Each cell is first checked
+   against torch's `lora_grouped` in float32.
 
     python benchmarks/gpu_lora_kernels.py --out $OUT/gpu_lora_kernels.json
+    python benchmarks/gpu_lora_kernels.py --steps-only --out $OUT/lora_steps.json [--kernels OLD.py]
 
+--kernels FILE: load the Triton module from FILE instead of src/ (an A/B against another version, e.g.
+`git show HEAD:src/lorascope/kernels/lora_triton.py > /tmp/old.py`).
 --dry-run: tiny shapes on the CPU under Triton's interpreter (checks only; the timings mean nothing).
 """
 
@@ -28,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -40,14 +54,118 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def import_kernels() -> tuple[types.ModuleType, types.ModuleType]:
+def import_kernels(triton_file: Path | None = None) -> tuple[types.ModuleType, types.ModuleType]:
     """The two kernel modules, without running lorascope/__init__ (the engine's imports need packages
-    the device image may lack; the kernels import nothing else of lorascope)."""
+    the device image may lack; the kernels import nothing else of lorascope). triton_file: load the
+    Triton module from there instead (an A/B against another version)."""
     if "lorascope" not in sys.modules:
         pkg = types.ModuleType("lorascope")
         pkg.__path__ = [str(ROOT / "src" / "lorascope")]
         sys.modules["lorascope"] = pkg
-    return importlib.import_module("lorascope.kernels.lora"), importlib.import_module("lorascope.kernels.lora_triton")
+    kref = importlib.import_module("lorascope.kernels.lora")
+    if triton_file is None:
+        return kref, importlib.import_module("lorascope.kernels.lora_triton")
+    spec = importlib.util.spec_from_file_location("lora_triton_under_test", triton_file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return kref, module
+
+
+# (name, bucket = tokens in the step, segment lengths): the engine's step mixes (--steps)
+STEP_CELLS = (
+    ("decode T=32", 32, (1,) * 32),
+    ("decode T=256", 256, (1,) * 256),
+    ("mixed T=160", 160, (1,) * 30 + (128,)),
+    ("mixed T=256", 256, (1,) * 32 + (224,)),
+    ("prefill T=1024", 1024, (256,) * 4),
+)
+
+
+def engine_steps(torch, kref, ktri, do_bench, dry_run: bool, split_k: int | None = None) -> list[dict]:
+    """Cell 7 of the docstring: captured q + v launch pairs with capacity-built metadata, as the engine."""
+    device = "cpu" if dry_run else "cuda"
+    fan_in, shapes = (96, {"q_proj": 80, "v_proj": 24}) if dry_run else (4096, {"q_proj": 4096, "v_proj": 1024})
+    layers, num_slots, rank, scale, dtype = (1, 300, 16, 2.0, torch.bfloat16) if dry_run else (32, 512, 16, 2.0, torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(1)
+    ranks = {m: [rank] * num_slots for m in shapes}
+    scales = {m: [scale] * num_slots for m in shapes}
+    knobs = {} if split_k is None else {"split_k": split_k}
+    out = []
+    for name, bucket, lengths in STEP_CELLS:
+        stride = num_slots // len(lengths)
+        segments, start = [], 0
+        for i, n in enumerate(lengths):  # one adapter per segment, in slot order, back to back
+            segments.append((start, start + n, i * stride))
+            start += n
+        active = [slot for _, _, slot in segments]
+        meta = ktri.LoRAMeta.build([], ranks, scales, device, capacity=min(256, bucket), max_len_bound=bucket)
+        host_start = time.perf_counter()
+        meta.update(segments, ranks, scales)
+        update_us = 1e6 * (time.perf_counter() - host_start)
+        x = (torch.randn(bucket, fan_in, generator=gen, device=device)).to(dtype)
+        ys = {m: torch.randn(bucket, n, generator=gen, device=device).to(dtype) for m, n in shapes.items()}
+        ws = []
+        for _ in range(layers):
+            w = {}
+            for m, n in shapes.items():
+                a = torch.full((num_slots, rank, fan_in), float("nan"), dtype=dtype, device=device)
+                b = torch.full((num_slots, n, rank), float("nan"), dtype=dtype, device=device)
+                a[active] = (torch.randn(len(active), rank, fan_in, generator=gen, device=device) * fan_in**-0.5).to(dtype)
+                b[active] = (torch.randn(len(active), n, rank, generator=gen, device=device) * rank**-0.5).to(dtype)
+                w[m] = (a, b)
+            ws.append(w)
+
+        def step(ws=ws, x=x, ys=ys, meta=meta) -> None:
+            for w in ws:
+                ktri.lora_multi_triton(x, [(ys[m], a, b, meta[m]) for m, (a, b) in w.items()], **knobs)
+
+        y0 = {m: y.clone() for m, y in ys.items()}
+        step(ws[:1])  # compiles; checked against torch's lora_grouped (float32)
+        errs = {}
+        for m, (a, b) in ws[0].items():
+            ref = kref.lora_grouped(x.float(), y0[m].float(), a.float(), b.float(), ranks[m], scales[m], segments)
+            got = ys[m].float()
+            errs[m] = float((got - ref).norm() / (ref - y0[m].float()).norm())
+            if torch.isnan(got).any():
+                errs[m] = float("nan")
+        ok = all(e < 2e-2 for e in errs.values())  # NaN fails too
+        row = {"cell": name, "split_k": split_k, "bucket": bucket, "segments": len(segments), "capacity": min(256, bucket),
+               "rel_err": errs, "ok": ok, "update_us": update_us, "layers": layers}
+        plan = getattr(ktri, "launch_plan", None)
+        if plan is not None:
+            p = plan(bucket, fan_in, list(shapes.values()), meta[next(iter(shapes))], **knobs)
+            row |= {"shrink_programs": p.programs[0], "expand_programs": p.programs[1], "grid_tiles": p.tiles,
+                    "real_tiles": int(meta.tiles[0])}
+        if not dry_run:
+            # the engine's capacity-built meta, then (for scale) one built for this step alone: the grid
+            # holds exactly its tiles, what no captured graph can have
+            exact = ktri.LoRAMeta.build(segments, ranks, scales, device)
+            for key, m in (("us_per_pair", meta), ("exact_grid_us_per_pair", exact)):
+                step(meta=m)
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step(meta=m)
+                row[key] = 1e3 * float(do_bench(graph.replay, warmup=10, rep=200, return_mode="median")) / layers
+                del graph
+        out.append(row)
+        del ws
+    return out
+
+
+def print_steps(rows: list[dict]) -> None:
+    print(f"\n{'step (q + v per layer, graph)':32s} {'us/pair':>8s} {'exact':>6s} {'programs (shrink+expand)':>25s} "
+          f"{'tiles (grid/real)':>18s} {'update us':>9s} {'rel err':>8s}")
+    for r in rows:
+        us = (f"{r['us_per_pair']:8.1f} {r['exact_grid_us_per_pair']:6.1f}" if "us_per_pair" in r
+              else f"{'-':>8s} {'-':>6s}")
+        programs = f"{r['shrink_programs']} + {r['expand_programs']}" if "shrink_programs" in r else "-"
+        tiles = f"{r['grid_tiles']}/{r['real_tiles']}" if "grid_tiles" in r else "-"
+        err = max(r["rel_err"].values())
+        print(f"{r['cell']:32s} {us} {programs:>25s} {tiles:>18s} {r['update_us']:9.0f} {err:8.1e}"
+              + ("" if r["ok"] else "  FAIL"))
 
 
 def main() -> int:
@@ -56,6 +174,10 @@ def main() -> int:
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes, CPU, Triton interpreter")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--steps", action="store_true", help="also time the engine's step mixes (cell 7)")
+    ap.add_argument("--steps-only", action="store_true", help="only cell 7")
+    ap.add_argument("--split-k", type=int, default=None, help="cell 7: override the split-K heuristic")
+    ap.add_argument("--kernels", type=Path, default=None, help="the Triton module to load instead of src/'s")
     args = ap.parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -64,7 +186,19 @@ def main() -> int:
     import triton
     from triton.testing import do_bench
 
-    kref, ktri = import_kernels()
+    kref, ktri = import_kernels(args.kernels)
+    if args.steps_only:
+        if not args.dry_run and not torch.cuda.is_available():
+            print("no CUDA device (use --dry-run on the CPU)", file=sys.stderr)
+            return 2
+        rows = engine_steps(torch, kref, ktri, do_bench, args.dry_run, args.split_k)
+        env = {"device": torch.cuda.get_device_name() if not args.dry_run else "cpu (interpreter)",
+               "torch": torch.__version__, "triton": triton.__version__, "kernels": str(args.kernels or "src")}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"env": env, "steps": rows}, indent=1))
+        print(env)
+        print_steps(rows)
+        return 0 if all(r["ok"] for r in rows) else 1
     lora_reference, lora_grouped = kref.lora_reference, kref.lora_grouped
     lora_grouped_triton, LoRAMeta = ktri.lora_grouped_triton, ktri.LoRAMeta
 
@@ -289,13 +423,20 @@ def main() -> int:
                             sweep.append({"module": module, "tokens": tokens, "active": active, "split_k": split_k,
                                           "block_n": block_n, "ms": ms})
 
+    step_rows = []
+    if args.steps:
+        progress("engine steps (captured q + v launch pairs)")
+        step_rows = engine_steps(torch, kref, ktri, do_bench, args.dry_run, args.split_k)
+        failures += [f"step {r['cell']}: rel err {r['rel_err']}" for r in step_rows if not r["ok"]]
+
     progress("done")
     env = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "copy_gb_s": copy_gbs, "dry_run": args.dry_run}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"env": env, "rows": rows, "step_estimates": steps, "graph_steps": graph_steps,
-                                    "meta_build_us": meta_build_us, "eager": eager, "sweep": sweep, "failures": failures}, indent=1))
+                                    "meta_build_us": meta_build_us, "eager": eager, "sweep": sweep, "steps": step_rows,
+                                    "failures": failures}, indent=1))
 
     # the table, last
     if sweep:
@@ -332,6 +473,8 @@ def main() -> int:
                 if g:
                     line += f" {g['triton']:14.3f} {g['naive_bmm']:13.3f}"
                 print(line)
+    if step_rows:
+        print_steps(step_rows)
     if failures:
         print("\nCORRECTNESS FAILURES:\n  " + "\n  ".join(failures), file=sys.stderr)
         return 1

@@ -3,12 +3,15 @@
 The kernel tests (`test_kernel_*`) run on a CUDA device when there is one. Without one they run on
 the CPU under Triton's interpreter: `test_kernels_under_triton_interpreter` starts this file again in
 a subprocess with TRITON_INTERPRET=1 (it must be set before triton is imported), selecting them.
-The metadata tests need neither triton nor a GPU.
+The metadata tests (the tile map, the grid bound, the launch plans of the engine's step buckets) need
+neither triton nor a GPU.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import subprocess
 import sys
 import time
@@ -17,8 +20,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lorascope.kernels.lora import lora_reference, segments_to_token_slots
-from lorascope.kernels.lora_triton import HAS_TRITON, LoRAMeta, lora_grouped_triton, lora_multi_triton, padded_rank
+from lorascope.kernels.lora import lora_grouped, lora_reference, segments_to_token_slots
+from lorascope.kernels.lora_triton import (
+    BLOCK_M,
+    HAS_TRITON,
+    LoRAMeta,
+    grid_tiles,
+    launch_plan,
+    lora_grouped_triton,
+    lora_multi_triton,
+    padded_rank,
+)
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -73,6 +85,41 @@ def check(x, y0, a, b, ranks, scales, segments, got, dtype) -> None:
         assert err < TOL[dtype], f"relative error {err:.2e} over the LoRA delta (tolerance {TOL[dtype]:.0e})"
     untouched = [t for t, s in enumerate(slots_of) if s < 0 or ranks[s] == 0]
     assert torch.equal(got[untouched], y0.double().cpu()[untouched]), "tokens without an adapter must be untouched"
+
+
+def check_grouped(x, y0, a, b, ranks, scales, segments, got, dtype) -> None:
+    """`got` against torch's `lora_grouped` in float64 (stale NaN rows zeroed: they must add nothing)."""
+    ref = lora_grouped(x.double().cpu(), y0.double().cpu().clone(), a.double().cpu().nan_to_num(),
+                       b.double().cpu().nan_to_num(), ranks, scales, segments)
+    got = got.double().cpu()
+    assert not torch.isnan(got).any(), "stale (NaN) rows leaked into the result"
+    delta = (ref - y0.double().cpu()).norm()
+    if delta > 0:
+        err = ((got - ref).norm() / delta).item()
+        assert err < TOL[dtype], f"relative error {err:.2e} over the LoRA delta (tolerance {TOL[dtype]:.0e})"
+    slots_of = segments_to_token_slots(segments, x.shape[0])
+    untouched = [t for t, s in enumerate(slots_of) if s < 0 or ranks[s] == 0]
+    assert torch.equal(got[untouched], y0.double().cpu()[untouched]), "tokens without an adapter must be untouched"
+
+
+def stale_nan_weights(gen: torch.Generator, dtype: torch.dtype, ranks: list[int], r_max: int, fan_in: int,
+                      fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    a = torch.randn(len(ranks), r_max, fan_in, generator=gen, dtype=torch.float64)
+    b = torch.randn(len(ranks), fan_out, r_max, generator=gen, dtype=torch.float64)
+    for s, r in enumerate(ranks):
+        a[s, r:] = float("nan")
+        b[s, :, r:] = float("nan")
+    return a.to(dtype=dtype, device=DEVICE), b.to(dtype=dtype, device=DEVICE)
+
+
+def packed_segments(lengths: list[int], slots: list[int], gaps: list[int]) -> list[tuple[int, int, int]]:
+    """Segments of the given lengths and slots, each after its gap of base-model tokens."""
+    segments, pos = [], 0
+    for n, slot, gap in zip(lengths, slots, gaps, strict=True):
+        pos += gap
+        segments.append((pos, pos + n, slot))
+        pos += n
+    return segments
 
 
 @pytest.mark.gpu
@@ -213,6 +260,70 @@ def test_kernel_strided_inputs() -> None:
 
 
 @pytest.mark.gpu
+@kernel_test
+@pytest.mark.parametrize("dtype,lengths,block_m", [
+    (torch.float32, (1, 2, 7, 64, 130, 300, 1, 16, 17), 16),
+    (torch.bfloat16, (1, 2, 7, 64, 130, 300, 1, 16, 17), 16),
+    (torch.float32, (64, 130, 300, 70), 64),  # prefill only: 64-row tiles
+    (torch.bfloat16, (20, 33, 130), 32),
+])
+def test_kernel_mixed_lengths_heterogeneous_ranks_three_modules(dtype: torch.dtype, lengths: tuple[int, ...],
+                                                                block_m: int) -> None:
+    """Decode tokens, short and long prefill chunks (1 to 19 tiles, partial last tiles) in one step, three
+    modules of their own ranks (0 where an adapter lacks the module) and scales, against `lora_grouped`;
+    a meta built for one step sizes its tiles by the shortest segment."""
+    gen = torch.Generator().manual_seed(23 + len(lengths))
+    slots = [0, 2, 3, 5, 6, 8, 9, 10, 11][: len(lengths)]
+    segments = packed_segments(list(lengths), slots, [0, 0, 3, 0, 1, 0, 2, 0, 0][: len(lengths)])
+    tokens, fan_in, r_max = segments[-1][1] + 2, 96, 24
+    x = torch.randn(tokens, fan_in, generator=gen, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+    ranks = {m: [(24, 4, 17, 0, 8, 16)[(s + i) % 6] for s in range(12)] for i, m in enumerate(("q", "k", "v"))}
+    scales = {m: [0.5 + 0.25 * ((s + i) % 4) for s in range(12)] for i, m in enumerate(("q", "k", "v"))}
+    fan_outs = {"q": 40, "k": 24, "v": 24}
+    weights = {m: stale_nan_weights(gen, dtype, ranks[m], r_max, fan_in, n) for m, n in fan_outs.items()}
+    y0 = {m: torch.randn(tokens, n, generator=gen, dtype=torch.float64).to(dtype=dtype, device=DEVICE)
+          for m, n in fan_outs.items()}
+    meta = LoRAMeta.build(segments, ranks, scales, DEVICE)
+    assert meta.block_m == block_m and int(meta.tiles[0]) == sum(-(-n // block_m) for n in lengths)
+    ys = {m: y.clone() for m, y in y0.items()}
+    lora_multi_triton(x, [(ys[m], *weights[m], meta[m]) for m in fan_outs])
+    for m in fan_outs:
+        check_grouped(x, y0[m], *weights[m], ranks[m], scales[m], segments, ys[m], dtype)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_capacity_meta_updated_across_step_shapes() -> None:
+    """One capacity-built meta (as the engine captures a bucket), updated in place for steps of every
+    shape: the grid stays the same, each step gets exactly its own result, and a step with fewer tiles
+    than the one before never runs the stale tile entries past its count."""
+    gen = torch.Generator().manual_seed(29)
+    capacity, bucket, fan_in, num_slots = 12, 320, 72, 16
+    ranks = {"q_proj": [(16, 8, 4, 0)[s % 4] for s in range(num_slots)], "v_proj": [(4, 16, 0, 12)[s % 4] for s in range(num_slots)]}
+    scales = {"q_proj": [0.5 + s for s in range(num_slots)], "v_proj": [2.0 - 0.1 * s for s in range(num_slots)]}
+    fan_outs = {"q_proj": 40, "v_proj": 24}
+    weights = {m: stale_nan_weights(gen, torch.float32, ranks[m], 16, fan_in, n) for m, n in fan_outs.items()}
+    x = torch.randn(bucket, fan_in, generator=gen).to(DEVICE)
+    meta = LoRAMeta.build([], ranks, scales, DEVICE, capacity=capacity, max_len_bound=bucket)
+    plan = launch_plan(bucket, fan_in, list(fan_outs.values()), meta["q_proj"])
+    steps = {
+        "mixed": packed_segments([1, 2, 7, 64, 130, 1, 1], [1, 2, 5, 6, 7, 9, 13], [0, 0, 1, 0, 3, 0, 0]),
+        "no segments": [],
+        "one long prefill": [(4, 304, 5)],
+        "many decode tokens": packed_segments([1] * capacity, list(range(capacity)), [0, 2] * (capacity // 2)),
+        "prefill and decode": packed_segments([300, 1, 2, 1], [1, 3, 6, 10], [0, 0, 0, 1]),
+    }
+    for name, segments in steps.items():
+        meta.update(segments, ranks, scales)
+        assert launch_plan(bucket, fan_in, list(fan_outs.values()), meta["q_proj"]) == plan, name
+        y0 = {m: torch.randn(bucket, n, generator=gen).to(DEVICE) for m, n in fan_outs.items()}
+        ys = {m: y.clone() for m, y in y0.items()}
+        lora_multi_triton(x, [(ys[m], *weights[m], meta[m]) for m in fan_outs])
+        for m in fan_outs:
+            check_grouped(x, y0[m], *weights[m], ranks[m], scales[m], segments, ys[m], torch.float32)
+
+
+@pytest.mark.gpu
 @cuda_only
 def test_gpu_llama_shape_decode_and_prefill() -> None:
     """The Llama-3.1-8B q/v shapes in bf16: decode (32 single-token segments) and a prefill mix."""
@@ -249,7 +360,8 @@ def test_gpu_cuda_graph_replay_with_updated_meta() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         lora_grouped_triton(x, y, a, b, None, None, None, meta=meta["q_proj"])
-    for segments in ([(0, 1, 3), (1, 2, 7), (5, 30, 8)], [(i, i + 1, i % num_slots) for i in range(tokens - 8)]):
+    for segments in ([(0, 1, 3), (1, 2, 7), (5, 30, 8)], [(i, i + 1, i % num_slots) for i in range(tokens - 8)], [],
+                     [(0, tokens, 5)], [(0, 1, 3), (1, 2, 4), (2, tokens, 9)]):
         meta.update(segments, ranks, scales)
         y.copy_(y0)
         graph.replay()
@@ -270,6 +382,75 @@ def test_meta_rejects_overflow_and_packs_per_module_rows() -> None:
         meta.update([(0, 9, 0)], ranks, scales)
     with pytest.raises(ValueError, match="needs a meta built"):
         LoRAMeta.build([(0, 2, 2)], ranks, scales, "cpu").update([], ranks, scales)
+    assert meta.tiles[:5].tolist() == [2, 0, 0, 1, 0], "tile count, then (segment, first row) per tile"
+    meta.update([], ranks, scales)
+    assert meta.tiles[0] == 0 and meta.ints[1].tolist() == [0, 0, 0, 0]
+
+
+def test_meta_tile_map_cuts_segments_into_block_m_rows() -> None:
+    lengths = [1, 2, 16, 17, 0, 33]
+    segments = packed_segments(lengths, [0, 1, 2, 3, 4, 5], [0] * 6)
+    ranks, scales = {"q_proj": [8] * 6}, {"q_proj": [1.0] * 6}
+    for meta in (LoRAMeta.build(segments, ranks, scales, "cpu"),
+                 LoRAMeta.build([], ranks, scales, "cpu", capacity=8, max_len_bound=40)):
+        if meta.capacity:
+            meta.update(segments, ranks, scales)
+        count = int(meta.tiles[0])
+        pairs = meta.tiles[1 : 1 + 2 * count].view(count, 2).tolist()
+        assert pairs == [[0, 0], [1, 0], [2, 0], [3, 0], [3, 16], [5, 0], [5, 16], [5, 32]]
+    assert BLOCK_M == 16
+    prefill = LoRAMeta.build([(0, 64, 0), (64, 200, 1), (200, 200, 2)], ranks, scales, "cpu")
+    assert prefill.block_m == 64 and prefill.tiles.tolist() == [4, 0, 0, 1, 0, 1, 64, 1, 128]
+    graph = LoRAMeta.build([(0, 64, 0)], ranks, scales, "cpu", capacity=4, max_len_bound=64)
+    assert graph.block_m == BLOCK_M, "a graph's meta may see an all-decode step: 16-row tiles"
+
+
+def test_grid_holds_every_step_that_fits_the_capacity() -> None:
+    """Random steps of disjoint segments within T rows and the capacity: their tiles never exceed the
+    grid's token-tile axis, which never exceeds the tile map's room."""
+    rng = random.Random(31)
+    ranks, scales = {"q_proj": [4] * 300}, {"q_proj": [1.0] * 300}
+    for bucket, capacity in ((1, 1), (7, 7), (16, 16), (160, 160), (256, 256), (300, 256), (1024, 256), (64, 8)):
+        meta = LoRAMeta.build([], ranks, scales, "cpu", capacity=capacity, max_len_bound=bucket)
+        bound = grid_tiles(meta["q_proj"], bucket)
+        assert bound <= meta.tile_capacity
+        worst = [(i, i + 1, i) for i in range(capacity - 1)] + [(capacity - 1, bucket, capacity - 1)]
+        for trial in range(40):
+            if trial == 0:
+                segments = worst  # as many segments as fit, then one long one: the bound is tight
+            else:
+                cuts = sorted(rng.sample(range(1, bucket), min(bucket - 1, rng.randrange(capacity))))
+                segments = [(s, e, i) for i, (s, e) in enumerate(itertools.pairwise([0, *cuts, bucket]))
+                            if rng.random() < 0.8]  # some rows without an adapter
+            meta.update(segments, ranks, scales)
+            tiles = int(meta.tiles[0])
+            assert tiles == sum(-(-(e - s) // BLOCK_M) for s, e, _ in segments)
+            assert tiles <= bound, (bucket, capacity, segments)
+            if trial == 0:
+                assert tiles == bound
+
+
+@pytest.mark.parametrize("bucket,lengths,tiles,real", [
+    (32, [1] * 32, 32, 32),
+    (256, [1] * 256, 256, 256),
+    (160, [1] * 30 + [128], 160, 38),
+    (256, [1] * 32 + [224], 256, 46),
+    (1024, [256] * 4, 304, 64),
+])
+def test_engine_buckets_launch_grids_proportional_to_tokens(bucket: int, lengths: list[int], tiles: int,
+                                                            real: int) -> None:
+    """The engine's capture (capacity = min(max_num_seqs 256, bucket), max_len_bound = bucket) at the
+    Llama-3.1-8B q/v shapes: the token-tile axis is capacity + the bucket's further 16-row tiles, not
+    capacity x tiles of the longest segment (the T = 160 mixed step's expand had 160 x 3 x 40 = 19,200
+    programs; now 160 x 40)."""
+    ranks, scales = {"q_proj": [16] * 256, "v_proj": [16] * 256}, {"q_proj": [2.0] * 256, "v_proj": [2.0] * 256}
+    meta = LoRAMeta.build([], ranks, scales, "cpu", capacity=min(256, bucket), max_len_bound=bucket)
+    before = launch_plan(bucket, 4096, [4096, 1024], meta["q_proj"])
+    meta.update(packed_segments(lengths, list(range(len(lengths))), [0] * len(lengths)), ranks, scales)
+    plan = launch_plan(bucket, 4096, [4096, 1024], meta["q_proj"])
+    assert plan == before, "the grid depends on shapes only"
+    assert (plan.tiles, int(meta.tiles[0])) == (tiles, real)
+    assert plan.expand_grid == (32 + 8, tiles) and plan.programs[1] == 40 * tiles
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="import triton failed: install it (pip install --no-deps triton) to run the interpreter tests")
