@@ -113,6 +113,9 @@ def run_cell(policy: str, max_loras: int, adapters: int, concurrency: int, reque
         "tpot_p50_ms": pct(tpot, 50), "tpot_p99_ms": pct(tpot, 99), "e2e_p50_ms": pct(e2e, 50), "e2e_p99_ms": pct(e2e, 99),
         "wait_p50_steps": pct([r.wait_steps for r in measured], 50),  # TTFT in steps: free of the machine's noise
         "wait_p99_steps": pct([r.wait_steps for r in measured], 99),
+        # arrival -> the step that computed the first token (None for an engine without first_token_step)
+        "ttft_p99_steps": pct(ttft_steps, 99) if (ttft_steps := [r.first_token_step - r.arrival_step for r in measured
+                                                                 if getattr(r, "first_token_step", None) is not None]) else None,
         "window_s": window[1] - window[0],
         "steps": len(steps),
         "mean_step_ms": 1e3 * statistics.fmean(s.duration_s for s in steps) if steps else 0.0,
@@ -167,7 +170,7 @@ def main() -> None:
                     rows.append(cell)
                     print(f"rep {rep} ml {ml:3d} {label:>7s} {policy:5s} {cell['tok_s']:7.1f} tok/s  TTFT p50/p99 "
                           f"{cell['ttft_p50_ms']:7.0f} / {cell['ttft_p99_ms']:7.0f} ms  TPOT p99 {cell['tpot_p99_ms']:6.1f} ms  "
-                          f"{cell.get('tok_per_cpu_s', 0):6.0f} tok/cpu-s  batch {cell['mean_batch']:4.1f}  wait p99 {cell['wait_p99_steps']:5.0f} steps  loads {cell['device_loads']}",
+                          f"{cell.get('tok_per_cpu_s', 0):6.0f} tok/cpu-s  batch {cell['mean_batch']:4.1f}  wait p99 {cell['wait_p99_steps']:5.0f} steps  TTFT p99 {cell.get('ttft_p99_steps') or 0:5.0f} steps  loads {cell['device_loads']}",
                           flush=True)
     print("\nmedians over repetitions")
     summary = []

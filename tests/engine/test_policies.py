@@ -40,10 +40,11 @@ def setup(tmp_path_factory, model_dir):
     return mdir, {p.name: p for p in paths}
 
 
-def make_llm(setup, policy: str, max_loras: int = MAX_LORAS, max_num_seqs: int = MAX_SEQS) -> LLM:
+def make_llm(setup, policy: str, max_loras: int = MAX_LORAS, max_num_seqs: int = MAX_SEQS, **knobs) -> LLM:
     mdir, adapters = setup
+    knobs = {"fair_max_wait_steps": W, "fair_max_park_steps": P, "fair_quantum_steps": Q} | knobs
     return LLM(str(mdir), adapters, max_loras=max_loras, max_cpu_loras=ADAPTERS, max_lora_rank=8, max_num_seqs=max_num_seqs,
-               policy=policy, fair_max_wait_steps=W, fair_max_park_steps=P, fair_quantum_steps=Q)
+               policy=policy, **knobs)
 
 
 def step(llm: LLM, ran: dict) -> None:
@@ -56,17 +57,17 @@ def step(llm: LLM, ran: dict) -> None:
     eng.cache.settle()
 
 
-def drive(setup, policy: str, hot_steps: int, max_num_seqs: int = MAX_SEQS):
+def drive(setup, policy: str, hot_steps: int, max_num_seqs: int = MAX_SEQS, prompt: list[int] = PROMPT, **knobs):
     names = sorted(setup[1])
-    llm = make_llm(setup, policy, max_num_seqs=max_num_seqs)
+    llm = make_llm(setup, policy, max_num_seqs=max_num_seqs, **knobs)
     eng = llm.engine
     params = SamplingParams(max_tokens=TOKENS, temperature=0.0, ignore_eos=True)
-    cold = [eng.add_request(PROMPT, params, names[i % ADAPTERS]) for i in range(16)]
+    cold = [eng.add_request(prompt, params, names[i % ADAPTERS]) for i in range(16)]
     hot = []
     ran: dict = {}
     while eng.has_unfinished() or eng.scheduler.step < hot_steps:
         if eng.scheduler.step < hot_steps:
-            hot.append(eng.add_request(PROMPT, params, names[eng.scheduler.step % 2]))
+            hot.append(eng.add_request(prompt, params, names[eng.scheduler.step % 2]))
         step(llm, ran)
         assert eng.scheduler.step < 5000, "the engine stopped making progress"
     llm.close()
@@ -117,6 +118,28 @@ def test_fair_policy_keeps_every_wait_and_every_gap_under_its_bound(setup) -> No
         # not vacuous: cold requests started on loans (waited past W), and running requests were parked
         assert max(r.wait_steps for r in cold) > W
         assert sum(s.parked for s in eng.steps) > 0 and max(longest_gap(ran[r]) for r in everyone) > 0
+
+
+def test_fair_runs_a_started_prompt_to_its_first_token(setup) -> None:
+    """A token budget smaller than the prompts: a prompt runs in chunks. Its adapter keeps its slot
+    (no rule takes it, a loan is not returned) until the prompt is through, so a started prompt gets
+    a chunk every step: its first token comes within C - 1 steps of its first chunk, C the most chunks
+    it can take. Before, a request whose adapter lost
+    its slot between two chunks was parked up to P steps (here 400; it was measured at 169)."""
+    prompt = list(range(1, 25))  # 24 tokens, budget 16: a chunk gets >= 16 - 7 (the other seats' decode tokens)
+    cold, hot, eng, ran = drive(setup, "fair", 80, prompt=prompt, max_num_batched_tokens=16, fair_max_park_steps=400)
+    everyone = cold + hot
+    worst_start = max(r.wait_steps for r in everyone)  # seats are scarce here: starts wait for seats too
+    # two prompts started in one step share its budget: the later one's chunks can be short; the budget
+    # still drains >= 9 prompt tokens a step, so 2 x 24 tokens are through within ceil(48 / 9) steps
+    most_chunks = math.ceil(2 * len(prompt) / (16 - (MAX_SEQS - 1)))
+    slowest = max(everyone, key=lambda r: ran[r][0] - r.admitted_step)  # ran[r][0]: its first token's step
+    gap = ran[slowest][0] - slowest.admitted_step
+    assert gap <= most_chunks - 1, f"{slowest.request_id} ({slowest.adapter}): first token {gap} steps after its first chunk"
+    assert all(len(ran[r]) == TOKENS for r in everyone)
+    # not vacuous: prompts were split (steps used the whole budget) and loans happened (waits past W)
+    assert any(s.num_tokens == 16 for s in eng.steps) and worst_start > W
+    assert max(ran[r][0] - r.admitted_step for r in everyone) >= 1
 
 
 def test_fair_waits_do_not_grow_with_the_hot_stream(setup) -> None:

@@ -204,6 +204,8 @@ class LLMEngine:
         if logits is not None and self.pipelined and all(map(self._samples_on_device, samplers)):
             tokens = self.runner.sample_greedy(logits)
             for i, req in enumerate(samplers):
+                if req.first_token_step is None:
+                    req.first_token_step = out.step
                 req.output_ids.append(PENDING)
                 req.pending += 1
                 req.pending_idx = i
@@ -227,6 +229,8 @@ class LLMEngine:
                 )
                 now = time.monotonic()
                 for i, (req, token) in enumerate(zip(samplers, tokens_now, strict=True)):
+                    if req.first_token_step is None:
+                        req.first_token_step = out.step
                     self._append(req, token, raw[i] if req.params.return_logits else None, now)
                     progressed.append(req)
         self.steps.append(

@@ -42,6 +42,7 @@ class Request:
     preemptions: int = 0
     wait_bound_step: int | None = None  # fair policy: the step by which it is guaranteed to start
     first_token_time: float | None = None
+    first_token_step: int | None = None  # the step that computed its first token (TTFT in steps)
     finish_time: float | None = None
     logits: list[torch.Tensor] = field(default_factory=list)
     # set by the loop that hands out outputs: how many tokens were already reported
