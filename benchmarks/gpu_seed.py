@@ -27,8 +27,10 @@ state (device loads of host-resident adapters are part of it). HF's 100 adapters
 the same seed, written to disk as PEFT directories.
 
 Engines: one model for the whole run (its weights are shared by every engine and by HF); one engine
-per (adapter source, max_loras), max_num_seqs = the largest concurrency of its cells, policy swapped
-on the idle engine between cells. After each build: CUDA graphs of every batch bucket are captured
+per (adapter source, max_loras), max_num_seqs = the largest concurrency of its cells,
+max_num_batched_tokens 1,024 (CUDA graphs up to it), pipelined steps (`--lockstep`: off); policy and
+token budget swapped on the idle engine between cells (`token_budget`: 8 tokens per sequence in
+flight, at least 256: 256 at c=32, 1,024 at c=256). After each build: CUDA graphs of every batch bucket are captured
 and the prefill path is warmed, untimed. Each cell then runs W = c warm-up requests (out of every
 statistic) before its M measured ones (default max(256, 4c)), all in one closed loop.
 
