@@ -37,29 +37,15 @@ cheapest). float32 caches use IEEE float32 dots (not tf32).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU engine never calls this module; `HAS_TRITON` says whether it can
-    triton = None
-    tl = None
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
+from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
+from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
+from lorascope.kernels._triton import next_pow2 as _next_pow2
 
-HAS_TRITON = triton is not None
-# Triton's interpreter (TRITON_INTERPRET=1, read when triton is imported: the CPU tests) computes bfloat16
-# dots wrongly (see lora_triton.py); under it, half-precision dot operands go up to float32.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_NUM_SMS = 132  # H200
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def default_block_n(head_dim: int) -> int:

@@ -28,18 +28,8 @@ from __future__ import annotations
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU engine never calls this module; `HAS_TRITON` says whether it can
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
+from lorascope.kernels._triton import next_pow2 as _next_pow2
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -54,38 +54,23 @@ inputs use IEEE dots, not tf32); u is rounded to the weights' dtype before the e
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
+from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
+from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
+from lorascope.kernels._triton import next_pow2 as _next_pow2
 from lorascope.kernels.lora import check_shapes
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU engine never calls this module; `HAS_TRITON` says whether it can
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
-# Triton's interpreter (TRITON_INTERPRET=1, read when triton is imported: the CPU tests) computes
-# bfloat16 dots wrongly and truncates float32 -> bfloat16 instead of rounding to nearest (triton 3.9);
-# under it, bfloat16 dot operands go up to float32 (and results carry ~2x the bf16 rounding error).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_NUM_SMS = 132  # H200; the split-K heuristic aims at a few programs per SM
 # rows per token tile in a capacity-built (graph) meta: tl.dot's smallest M, as its steps may be all decode
 # tokens. A meta built for one step sizes its tiles by its shortest segment, up to _MAX_BLOCK_M
 BLOCK_M = 16
 _MAX_BLOCK_M = 64
 _MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, where the token tiles go
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -58,31 +58,20 @@ Triton's interpreter half-precision dots go up to float32 (its bfloat16 dot is w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the CPU engine never calls this module; `HAS_TRITON` says whether it can
-    triton = None
-    tl = None
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
+from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
+from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
+from lorascope.kernels._triton import next_pow2 as _next_pow2
 
-HAS_TRITON = triton is not None
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-_NUM_SMS = 132  # H200
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PARTIAL_BYTES = 64 << 20  # split-K partials (float32 m, l, acc) stay under this
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def default_block_n(head_dim: int) -> int:
