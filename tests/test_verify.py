@@ -167,7 +167,12 @@ def test_a_broken_engine_is_caught_as_wrong_adapter(tmp_path: Path, monkeypatch:
     # nobody else is affected, in any setting
     pair = {"all-a0001", "all-a0002"}
     assert all(o["status"] == "pass" for o in result["outcomes"] if o["model"] not in pair)
-    assert all(set(o["got"]) <= pair for o in result["outcomes"])
+    # a swapped request names the other adapter; with every request at once it may also have read the
+    # other adapter's slot while that slot was still being written (the fault looks slots up without
+    # waiting for loads): a garbled output, `wrong_output`, whose closest reference is anyone's
+    named = [o for o in result["outcomes"] if o["status"] == "wrong_adapter" and not set(o["got"]) <= pair]
+    assert not named, named
+    assert all(o["model"] in pair for o in result["outcomes"] if o["status"] != "pass")
 
 
 def test_bad_input_exits_2_naming_the_fix(tmp_path: Path) -> None:
