@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _kernel_marks import kernel_test
 from lorascope.kernels.attention import AttentionMetadata, paged_attention
 from lorascope.kernels.attention_triton import (
     HAS_TRITON,
@@ -31,10 +32,6 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
-    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
-)
 cuda_only = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA device and triton")
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # max abs error (|V| ~ 1)

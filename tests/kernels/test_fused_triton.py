@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernel_marks import kernel_test
 from lorascope.kernels.fused_triton import HAS_TRITON, add_rmsnorm, rope_and_cache, silu_mul
 from lorascope.model.config import ModelConfig
 from lorascope.model.layers import RMSNorm, Rotary
@@ -25,10 +26,6 @@ HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
-    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
-)
 DTYPES = [torch.float32, torch.bfloat16]
 
 

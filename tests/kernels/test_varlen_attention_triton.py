@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _kernel_marks import kernel_test
 from lorascope.kernels.attention import AttentionMetadata, paged_attention
 from lorascope.kernels.varlen_attention_triton import (
     HAS_TRITON,
@@ -41,10 +42,6 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ROOT = Path(__file__).resolve().parents[2]
 
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
-    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
-)
 cuda_only = pytest.mark.skipif(not (HAS_TRITON and HAS_CUDA), reason="needs a CUDA device and triton")
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # max abs error (|V| ~ 1)

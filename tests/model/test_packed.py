@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from _kernel_marks import kernel_test
 from lorascope import LLM, SamplingParams
 from lorascope.kernels.fused_triton import HAS_TRITON
 from lorascope.model.decoder import Decoder
@@ -28,10 +29,6 @@ from lorascope.model.weights import load_model, save_model
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-kernel_test = pytest.mark.skipif(
-    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
-    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
-)
 PRESETS = ["tiny", "tiny-qwen2"]  # tiny-qwen2: q/k/v biases
 
 

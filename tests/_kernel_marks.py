@@ -1,0 +1,25 @@
+"""Markers shared by the kernel test files.
+
+Imported as `from _kernel_marks import kernel_test`: pytest's default ("prepend") import mode puts
+tests/ on sys.path to load tests/conftest.py (tests/ is not a package), so this works for any run
+from the repository root or a subdirectory, including the TRITON_INTERPRET=1 reruns of one file.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lorascope.kernels.fused_triton import HAS_TRITON
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# A `test_kernel_*` test: runs on a CUDA device, or on the CPU under Triton's interpreter (each file's
+# `test_kernels_under_triton_interpreter` reruns it with TRITON_INTERPRET=1, selecting these).
+kernel_test = pytest.mark.skipif(
+    not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
+    reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
+)
