@@ -378,13 +378,18 @@ def phase_stats(phase: Phase, output_len: int) -> dict[str, Any]:
     }
 
 
-def step_stats(steps: list[Any], window: tuple[float, float]) -> dict[str, Any]:
-    """The engine's StepRecords that started inside the window."""
+def step_stats(
+    steps: list[Any], window: tuple[float, float], gpu: list[tuple[int, float, float]] | None = None
+) -> dict[str, Any]:
+    """The engine's StepRecords that started inside the window; with `gpu` (LLMEngine.gpu_step_times)
+    also the GPU time of their launches: mean per decode step and per step with prompt tokens, and the
+    GPU's busy fraction from the window's first traced step to its last (below 1: the GPU waited for
+    the host)."""
     t_a, t_b = window
     win = [s for s in steps if t_a <= s.start_s < t_b]
     decode = [s.duration_s for s in win if s.num_tokens == s.num_seqs]
     n = max(1, len(win))
-    return {
+    out = {
         "steps": len(win),
         "mean_batch": sum(s.num_seqs for s in win) / n,
         "mean_adapters_per_step": sum(s.num_adapters for s in win) / n,
@@ -395,9 +400,23 @@ def step_stats(steps: list[Any], window: tuple[float, float]) -> dict[str, Any]:
         else None,
         "mean_decode_step_ms": 1e3 * sum(decode) / len(decode) if decode else None,
         "decode_steps": len(decode),
+        "mean_prompt_tokens_per_step": sum(s.num_tokens - s.num_seqs for s in win) / n,
         "skipped": sum(s.skipped for s in win),
         "preempted": sum(s.preempted for s in win),
     }
+    if gpu:
+        by_step = {step: (start, ms) for step, start, ms in gpu}
+        traced = [(s, *by_step[s.step]) for s in win if s.step in by_step]
+        if traced:
+            dec = [ms for s, _, ms in traced if s.num_tokens == s.num_seqs]
+            mixed = [ms for s, _, ms in traced if s.num_tokens != s.num_seqs]
+            span = traced[-1][1] + traced[-1][2] - traced[0][1]
+            out["gpu_traced_steps"] = len(traced)
+            out["gpu_decode_step_ms"] = sum(dec) / len(dec) if dec else None
+            out["gpu_mixed_step_ms"] = sum(mixed) / len(mixed) if mixed else None
+            out["gpu_mean_step_ms"] = sum(ms for *_, ms in traced) / len(traced)
+            out["gpu_busy_fraction"] = sum(ms for *_, ms in traced) / span if span > 0 else None
+    return out
 
 
 def cache_delta(before: dict[str, Any] | None, after: dict[str, Any]) -> dict[str, Any]:

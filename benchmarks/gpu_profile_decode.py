@@ -8,6 +8,10 @@ of that bucket's graph run under torch.profiler. Prints the kernels grouped by n
 step, launches per step), the step's kernel count and the time in weight GEMMs (cuBLAS kernels, the LM
 head included), and writes them as JSON. `--packed` (the default) runs q/k/v and gate/up as one GEMM
 each (Decoder.pack_projections: 4 weight GEMMs per layer), `--no-packed` as one per linear (7).
+
+`--token-buckets 32,64,160` also times, per bucket, the replay of a graph captured with padding only
+(no sequence: attention and LoRA find no work, so it is the weight GEMMs and the elementwise kernels at
+M = bucket rows): what a step's size costs apart from its attention and adapters.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--replays", type=int, default=10)
     ap.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                     help="q/k/v and gate/up as one GEMM each (default); --no-packed: one GEMM per linear")
+    ap.add_argument("--token-buckets", default="", help="comma list: padding-only graph replay ms per bucket")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp()) / "a"
     make_adapters(root, "llama-3.1-8b", max(1, args.adapters), 16, ["q_proj", "v_proj"], seed=3, dtype=torch.bfloat16)
@@ -79,12 +84,31 @@ def main() -> None:
           f"weight GEMMs {gemm_us / 1e3:.2f} ms/step in {gemm_launches:.0f} launches")
     for r in rows[:30]:
         print(f"{r['us_per_step']:9.1f} us {r['launches_per_step']:6.0f}x  {r['kernel']}")
+    buckets = {}
+    for b in (int(x) for x in args.token_buckets.split(",") if x.strip()):
+        if b not in runner.token_buckets:
+            print(f"bucket {b} is not one of the runner's {runner.token_buckets}: skipped")
+            continue
+        pad = runner._capture(b).graph  # padding only (a fresh capture even when the step's bucket had one)
+        buckets[b] = _replay_ms(pad, 20)
+        print(f"bucket {b:5d} (padding only): replay {buckets[b]:.3f} ms")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"batch": args.batch, "adapters": args.adapters, "packed": args.packed,
+    args.out.write_text(json.dumps({"padding_only_replay_ms": buckets, "batch": args.batch, "adapters": args.adapters, "packed": args.packed,
                                     "replay_ms": replay_ms, "kernel_ms": total_us / 1e3, "launches": launches,
                                     "gemm_ms": gemm_us / 1e3, "gemm_launches": gemm_launches, "kernels": rows},
                                    indent=2))
     llm.close()
+
+
+def _replay_ms(graph: torch.cuda.CUDAGraph, n: int) -> float:
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        graph.replay()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def _is_gemm(kernel: str) -> bool:

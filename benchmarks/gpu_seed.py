@@ -143,6 +143,8 @@ class Plan:
     assumed_build_s: float = 8.0
     assumed_fixed_s: float = 45.0  # model init, adapter generation, first compiles
     assumed_hf_s: float = 60.0
+    budgets: tuple[tuple[int, int], ...] = ()  # (concurrency, token budget) cells beside main's: --budgets
+    scale_prewarm: int = 0  # --scale-prewarm: a second 10k cell after this many pinned buffers were cached
 
 
 QUICK = {
@@ -179,6 +181,8 @@ class Cell:
     source: str = "pool"  # pool | scale
     via: str = "api"  # api | http
     same_as: str | None = None  # measured by that cell (identical config)
+    budget: int | None = None  # max_num_batched_tokens of the cell (None: token_budget)
+    prewarm_pinned: int = 0  # page-locked buffers of one adapter's size allocated and freed before the cell
 
     @property
     def engine(self) -> tuple[str, int]:
@@ -235,7 +239,12 @@ def build_cells(p: Plan) -> list[Cell]:
         Cell("hf/one-adapter", 1, "uniform", p.hf_batch, 0, source="hf"),
         Cell(f"hf/uniform-{p.hf_adapters}", p.hf_adapters, "uniform", p.hf_batch, 0, source="hf"),
     ]
-    ordered += scale + sweep + sweep_c + hf
+    if p.scale_prewarm:
+        scale.append(replace(scale[0], cell_id=scale[0].cell_id + "-prewarm", prewarm_pinned=p.scale_prewarm))
+    budget = [
+        Cell(f"budget/n{n}-uniform-c{c}-b{b}", n, "uniform", c, ml, budget=b) for c, b in p.budgets for n in (1, p.pool)
+    ]
+    ordered += budget + scale + sweep + sweep_c + hf
     return sorted(ordered, key=lambda c: c.policy == "vllm")
 
 
@@ -497,8 +506,13 @@ class Seed:
         )
         prompts = [(wl.prompt_token_ids(i), names[int(wl.adapter[i])]) for i in range(len(wl))]
         start = time.perf_counter()
-        budget = token_budget(p, cell.concurrency)
+        budget = cell.budget or token_budget(p, cell.concurrency)
+        if cell.prewarm_pinned:
+            result_prewarm_s = prewarm_pinned(cell.prewarm_pinned, int(self.bytes["adapter_bytes"]))
         asyncio.run(set_policy(aeng, cell.policy, budget))
+        trace = cell.via == "api" and p.device.startswith("cuda")
+        if trace:
+            aeng.engine.trace_gpu(True)  # two CUDA events per step: GPU time vs the host's cadence
         if cell.via == "http":
             before = asyncio.run(aeng.snapshot()).cache
             phase = drive_http(aeng, prompts, cell.concurrency, warmup, p.output_len, self.tmp, timeout_s)
@@ -512,9 +526,14 @@ class Seed:
             "wall_s": time.perf_counter() - start,
             "distinct_adapters": len(set(wl.adapter[warmup:].tolist())),
         }
+        if cell.prewarm_pinned:
+            result["prewarm_pinned_s"] = result_prewarm_s
         result |= phase_stats(phase, p.output_len)
         result["driver_loop_lag_ms"] = phase.loop_lag or None
-        result |= step_stats(list(aeng.engine.steps), phase.window)
+        gpu = aeng.engine.gpu_step_times() if trace else None
+        if trace:
+            aeng.engine.trace_gpu(False)
+        result |= step_stats(list(aeng.engine.steps), phase.window, gpu)
         result["cache"] = cache_delta(before, after)
         result["cache_counters_include_warmup"] = cell.via == "http"
         ids = [f"{cell.cell_id}-{i}" for i in range(warmup, len(prompts))]
@@ -595,6 +614,18 @@ class Seed:
             self.report["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         _free(p.device)
         self.write()
+
+
+def prewarm_pinned(count: int, nbytes: int) -> float:
+    """Allocate `count` page-locked buffers of `nbytes` and free them: torch's caching host allocator
+    keeps them, so loads that follow reuse them instead of each page-locking new memory (what a host
+    tier in its steady state, evicting as it loads, does anyway). Returns the seconds it took."""
+    start = time.perf_counter()
+    if not torch.cuda.is_available():  # no page-locked memory without CUDA
+        return 0.0
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+    del bufs
+    return time.perf_counter() - start
 
 
 def _free(device: str) -> None:
@@ -879,6 +910,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--assume-tok-s", default=None, help="rates the estimate assumes, e.g. 32:2400,256:7700")
     ap.add_argument("--lockstep", action="store_true", help="async_scheduling off (A/B of pipelined steps)")
     ap.add_argument("--max-step-tokens", type=int, default=1024, help="engines' max_num_batched_tokens")
+    ap.add_argument(
+        "--budgets",
+        default=None,
+        help="extra budget/ cells, CONCURRENCY:TOKENS pairs (e.g. 32:64,32:128): N=1 and N=1000 uniform "
+        "on the main engine with that max_num_batched_tokens instead of token_budget's",
+    )
+    ap.add_argument(
+        "--scale-prewarm",
+        type=int,
+        default=0,
+        help="add a 10k cell run after allocating and freeing this many pinned adapter-sized buffers",
+    )
     return ap.parse_args(argv)
 
 
@@ -893,7 +936,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         loader_threads=args.loader_threads or min(16, os.cpu_count() or 2),
         async_scheduling=not args.lockstep,
         max_step_tokens=args.max_step_tokens,
+        scale_prewarm=args.scale_prewarm,
     )
+    if args.budgets:
+        pairs = (item.split(":") for item in args.budgets.split(","))
+        plan = replace(plan, budgets=tuple((int(c), int(b)) for c, b in pairs))
     plan = replace(plan, **QUICK) if args.quick else plan  # type: ignore[arg-type]
     if args.assume_tok_s:
         pairs = (item.split(":") for item in args.assume_tok_s.split(","))

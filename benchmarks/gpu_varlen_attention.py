@@ -18,9 +18,10 @@ Per cell:
    - `current_decode_graph`: for pure-decode cells, the decode kernel alone in a CUDA graph (what the
      engine replays today); `meta_build_ms`: AttentionMetadata.build on the host, which the current path
      needs every step.
-3. Sweep (eager and graph replay): block_m 1..16 tokens per program x num_warps 4/8 x block_n 32/64
-   (partition "auto"), then the defaults with partition None / 128: to check the shape heuristics
-   (`default_block_m`, `default_num_warps`, `default_partition`).
+3. Sweep (graph replay only, eager too with --sweep-eager), to check the shape heuristics
+   (`default_block_m`, `default_num_warps`, `default_partition`): pure-decode cells: block_m 1/4 tokens
+   per program x num_warps 4/8 x block_n 32/64/128 x partition None/64/128 (split-K); cells with
+   prefill chunks: block_m 4/8/16 x num_warps 4/8 x block_n 32/64/128, partition "auto".
 
     PYTHONPATH=src python3 benchmarks/gpu_varlen_attention.py --out $OUT/gpu_varlen_attention.json
 
@@ -90,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cells", nargs="+", default=None, help="cell name prefixes (a b c d e)")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--sweep-eager", action="store_true", help="time each sweep config eagerly too (slower)")
     args = ap.parse_args(argv)
     if args.device == "cpu" and not args.dry_run:
         ap.error("--device cpu needs --dry-run (the kernel runs on the CPU only under the interpreter)")
@@ -113,13 +115,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         heads, kv_heads, head_dim = 4, 2, 32
-        block_ms, warps, block_ns, partitions = (1, 4), (4,), (16,), (None,)
+        decode_grid = [(bm, 4, 16, part) for bm in (1, 4) for part in (None, 16)]
+        mixed_grid = [(bm, 4, 16, "auto") for bm in (1, 4)]
     else:
         if not torch.cuda.is_available():
             print("no CUDA device (use --device cpu --dry-run on the CPU)", file=sys.stderr)
             return 2
         heads, kv_heads, head_dim = 32, 8, 128
-        block_ms, warps, block_ns, partitions = (1, 2, 4, 8, 16), (4, 8), (32, 64), (None, 128)
+        decode_grid = [(bm, nw, bn, part) for bm in (1, 4) for nw in (4, 8) for bn in (32, 64, 128)
+                       for part in (None, 64, 128) if part is None or part % bn == 0]  # fmt: skip
+        mixed_grid = [(bm, nw, bn, "auto") for bm in (4, 8, 16) for nw in (4, 8) for bn in (32, 64, 128)]
     device, dtype, block_size = args.device, torch.bfloat16, 16
     scale = head_dim**-0.5
     graphs = device == "cuda" and not args.no_graph
@@ -227,8 +232,7 @@ def main(argv: list[str] | None = None) -> int:
               f"err vs current {err_cur:.1e}", file=sys.stderr)  # fmt: skip
 
         if not args.no_sweep:
-            configs = [(bm, nw, bn, "auto") for bm in block_ms for nw in warps for bn in block_ns]
-            configs += [(None, None, None, p) for p in partitions]
+            configs = decode_grid if all(n == 1 for n in cell.q_lens) else mixed_grid
             for block_m, num_warps, block_n, partition in configs:
 
                 def call(block_m=block_m, num_warps=num_warps, block_n=block_n, partition=partition, vargs=vargs):
@@ -242,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                 if diff > 2e-2:
                     failures.append(f"{cell.name} {tag}: differs from the default by {diff:.2e}")
                 entry = {"cell": cell.name, "block_m": block_m, "num_warps": num_warps, "block_n": block_n,
-                         "partition": partition, "ms": bench(call)}  # fmt: skip
+                         "partition": partition}  # fmt: skip
+                if args.sweep_eager or not graphs:
+                    entry["ms"] = bench(call)
                 if graphs:
                     graph = graph_of(call)
                     entry["graph_ms"] = bench(graph.replay)
@@ -285,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nsweep (us per call, eager / graph replay)")
         for s in sweep:
             graph_us = f"{s['graph_ms'] * 1e3:8.1f}" if "graph_ms" in s else f"{'-':>8}"
+            eager_us = f"{s['ms'] * 1e3:8.1f}" if "ms" in s else f"{'-':>8}"
             print(f"  {s['cell']:<20} block_m={s['block_m']!s:>4} warps={s['num_warps']!s:>4} "
-                  f"block_n={s['block_n']!s:>4} partition={s['partition']!s:>5}: "
-                  f"{s['ms'] * 1e3:8.1f} {graph_us}")  # fmt: skip
+                  f"block_n={s['block_n']!s:>4} partition={s['partition']!s:>5}: {eager_us} {graph_us}")  # fmt: skip
     if failures:
         print("\nFAILURES:\n  " + "\n  ".join(failures))
         return 1

@@ -40,3 +40,18 @@ def test_graph_decode_equals_eager_and_hf(tmp_path: Path, model: str) -> None:
         llm.close()
     assert outs[False] == outs[True]
     assert outs[False] == [r.token_ids for r in ref]
+
+
+def test_gpu_step_trace_times_every_step() -> None:
+    llm = LLM("tiny", device="cuda", dtype="float32", max_num_seqs=4)
+    engine = llm.engine
+    engine.trace_gpu(True)
+    llm.generate([[1, 2, 3, 4]] * 3, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    times = engine.gpu_step_times()
+    steps = [s.step for s in engine.steps]
+    assert [t[0] for t in times] == steps  # one record per step that ran, in order
+    assert all(ms > 0 for _, _, ms in times)
+    assert all(b[1] >= a[1] + a[2] * 0.999 for a, b in zip(times, times[1:]))  # steps follow each other on the GPU
+    engine.trace_gpu(False)
+    assert engine.gpu_step_times() == []
+    llm.close()

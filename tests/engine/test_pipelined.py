@@ -130,3 +130,14 @@ def test_streams_of_a_pipelined_engine_never_show_pending_ids() -> None:
     offline = [(c.token_ids, c.finish_reason) for c in llm.generate(prompts, params, adapters)]
     llm.close()
     assert streamed == offline
+
+
+def test_gpu_trace_needs_a_cuda_engine() -> None:
+    from lorascope.config import ConfigError
+
+    llm = LLM("tiny", device="cpu", max_num_seqs=2)
+    with pytest.raises(ConfigError, match="CUDA"):
+        llm.engine.trace_gpu(True)
+    llm.engine.trace_gpu(False)  # turning it off is always fine
+    assert llm.engine.gpu_step_times() == []
+    llm.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from pathlib import Path
 
 import torch
@@ -53,30 +54,62 @@ def _chunks(sizes: list[int]) -> list[int]:
     return [min(_CHUNK, size - start) for size in sizes for start in range(0, size, _CHUNK)]
 
 
+_TABLE_SIZE = 1 << 24  # values in a seed's random table (32 MiB of bfloat16), _TABLE_SIZE // _CHUNK pieces
+_tables: dict[int, list[torch.Tensor]] = {}
+_tables_lock = threading.Lock()
+
+
+def _table(seed: int) -> list[torch.Tensor]:
+    """Seed `seed`'s random table as views of _CHUNK values: bfloat16 integers uniform in [-2^15, 2^15),
+    drawn once per process (~0.1 s) and shared by every adapter of that seed and every thread."""
+    with _tables_lock:
+        table = _tables.get(seed)
+        if table is None:
+            gen = torch.Generator().manual_seed(_generator_seed(seed, -1))
+            bits = torch.empty(_TABLE_SIZE // 4, dtype=torch.int64).random_(-(2**63), None, generator=gen)
+            table = _tables[seed] = list(bits.view(torch.int16).to(torch.bfloat16).split(_CHUNK))
+        return table
+
+
 def _draw(sizes: list[int], stds: list[float], seed: int, index: int, out: torch.Tensor) -> None:
     """Fill the flat buffer `out` with uniform values, block i holding sizes[i] values of std stds[i].
 
-    Loads run on loader threads beside the engine's, so this is a handful of torch calls whatever
-    the model's shape (each call re-takes the GIL, ~0.5 ms behind a busy engine thread), each of
-    them running serially (_chunks). The generator is the CPU cost: 16 random bits per value, four
-    per 64-bit draw, is ~4x cheaper than normal_ and fills bfloat16's 8-bit mantissa. Uniform, like
+    Generating on load must cost the engine little: loads run on loader threads beside the engine's,
+    sharing the host's cores and the GIL. A random draw per value cost 57 ms for an 8B q/v rank-16
+    adapter on the H200 host, so values come from seed `seed`'s random table instead: the buffer is
+    cut into pieces of _CHUNK values (_chunks), and piece p is a table piece with a sign, both drawn
+    from (seed, index). That is two memory passes (a copy and a scale, like the copy a real load from
+    storage makes) and a handful of torch calls whatever the number of layers (each call re-takes the
+    GIL), each running serially on the calling thread. Adapters share table pieces in other places
+    and signs, so their weights differ everywhere but are not independent draws: they stand in for
+    real adapters in timing and in output checks, not in statistics across adapters. Uniform, like
     PEFT's kaiming-uniform lora_A init; the bound sqrt(3) * std gives the std.
     """
     total = sum(sizes)
-    gen = torch.Generator().manual_seed(_generator_seed(seed, index))
-    bits = torch.empty(-(-total // 4), dtype=torch.int64).random_(-(2**63), None, generator=gen)  # full 64-bit range
+    table = _table(seed)
     pieces = _chunks(sizes)
+    gen = torch.Generator().manual_seed(_generator_seed(seed, index))
+    draws = torch.randint(0, 2 * len(table), (len(pieces),), generator=gen).tolist()
+    # a block's last piece is short when its size is not a multiple of _CHUNK: a table piece's head
+    src = [table[d >> 1] if n == _CHUNK else table[d >> 1][:n] for n, d in zip(pieces, draws, strict=True)]
+    piece_std = [std for size, std in zip(sizes, stds, strict=True) for _ in range(-(-size // _CHUNK))]
+    scales = [(1.0 if d & 1 else -1.0) * math.sqrt(3.0) * std / 2**15 for std, d in zip(piece_std, draws, strict=True)]
     values = torch.empty(total, dtype=torch.bfloat16) if out.dtype != torch.bfloat16 else out
     dst = values.split(pieces)
-    torch._foreach_copy_(dst, bits.view(torch.int16)[:total].split(pieces))  # integers in [-2^15, 2^15), in bfloat16
-    scales = [math.sqrt(3.0) * std / 2**15 for size, std in zip(sizes, stds, strict=True) for _ in range(-(-size // _CHUNK))]
+    torch._foreach_copy_(dst, src)
     torch._foreach_mul_(dst, scales)
     if values is not out:  # the bfloat16 values, exactly
         torch._foreach_copy_(out.split(pieces), dst)
 
 
 def _adapter_weights(
-    cfg: ModelConfig, targets: list[str], rank: int, scale: float, seed: int, index: int, dtype: torch.dtype,
+    cfg: ModelConfig,
+    targets: list[str],
+    rank: int,
+    scale: float,
+    seed: int,
+    index: int,
+    dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
     # One draw per adapter, seeded from (seed, index) alone, into one flat buffer that every tensor is
@@ -92,9 +125,16 @@ def _adapter_weights(
     per_module: dict[str, tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]] = {}
     for i, (module, (fan_in, fan_out)) in enumerate(shapes.items()):
         # unbind: a module's per-layer views in one call (indexing layer by layer would be a call each)
-        per_module[module] = (parts[2 * i].view(layers, rank, fan_in).unbind(), parts[2 * i + 1].view(layers, fan_out, rank).unbind())
+        per_module[module] = (
+            parts[2 * i].view(layers, rank, fan_in).unbind(),
+            parts[2 * i + 1].view(layers, fan_out, rank).unbind(),
+        )
     # read_peft_adapter's order: (layer, module) sorted
-    return {(layer, m): (per_module[m][0][layer], per_module[m][1][layer]) for layer in range(layers) for m in sorted(per_module)}
+    return {
+        (layer, m): (per_module[m][0][layer], per_module[m][1][layer])
+        for layer in range(layers)
+        for m in sorted(per_module)
+    }
 
 
 def check_synthetic(
@@ -118,7 +158,13 @@ def check_synthetic(
 
 
 def synthetic_adapter(
-    cfg: ModelConfig, ranks: list[int], targets: list[str], alpha: float | None, seed: int, index: int, dtype: torch.dtype,
+    cfg: ModelConfig,
+    ranks: list[int],
+    targets: list[str],
+    alpha: float | None,
+    seed: int,
+    index: int,
+    dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> tuple[int, float, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]]:
     """Adapter `index`'s (rank, alpha, weights): rank ranks[index % len(ranks)], alpha 2 * rank unless

@@ -85,6 +85,8 @@ class LLMEngine:
         self._ids = itertools.count()
         self.pipelined = device.type == "cuda" if cfg.async_scheduling is None else cfg.async_scheduling
         self._inflight: tuple[list[Request], SampledTokens] | None = None  # a pipelined step's samplers and tokens
+        # (step, start, end) CUDA events around each step's launches while trace_gpu(True) (benchmarks)
+        self._gpu_trace: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] | None = None
 
     def _default_num_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
         c = self.model_cfg
@@ -198,7 +200,14 @@ class LLMEngine:
             if self.scheduler.has_work() and not progressed:
                 self.cache.wait_for_loads(0.05)  # nothing runnable: waiting and parked requests wait on loads
             return self._report(progressed)
+        trace = self._gpu_trace
+        if trace is not None:
+            events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            events[0].record()
         samplers, logits = self.runner.execute(out.scheduled, self.cache.slot_of.__getitem__)
+        if trace is not None:
+            events[1].record()
+            trace.append((out.step, *events))
         for req, n in out.scheduled:
             req.num_computed += n
         if logits is not None and self.pipelined and all(map(self._samples_on_device, samplers)):
@@ -296,6 +305,23 @@ class LLMEngine:
         return finished
 
     # --- observability ------------------------------------------------------------------------
+
+    def trace_gpu(self, on: bool) -> None:
+        """Record two CUDA events around every step's launches from now on (on=True), or stop and drop
+        them. A benchmark's tool: whether steps are bound by the GPU or by the host (gpu_step_times)."""
+        if on and self.runner.device.type != "cuda":
+            raise ConfigError("trace_gpu needs a CUDA engine; CPU steps have no device timeline to read")
+        self._gpu_trace = [] if on else None
+
+    def gpu_step_times(self) -> list[tuple[int, float, float]]:
+        """(step, GPU start in ms from the first traced step's, GPU ms of the step's launches) per traced
+        step. Waits for the GPU: call it between runs, not on the engine's hot path."""
+        trace = self._gpu_trace or []
+        if not trace:
+            return []
+        trace[-1][2].synchronize()
+        first = trace[0][1]
+        return [(step, first.elapsed_time(a), a.elapsed_time(b)) for step, a, b in trace]
 
     def stats(self) -> dict[str, object]:
         return {
