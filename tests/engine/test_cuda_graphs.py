@@ -4,6 +4,7 @@ GPU only (benchmarks/gpu_graphs_check.py runs the same check on the device machi
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_gpu_step_trace_times_every_step() -> None:
     steps = [s.step for s in engine.steps]
     assert [t[0] for t in times] == steps  # one record per step that ran, in order
     assert all(ms > 0 for _, _, ms in times)
-    assert all(b[1] >= a[1] + a[2] * 0.999 for a, b in zip(times, times[1:]))  # steps follow each other on the GPU
+    assert all(b[1] >= a[1] + a[2] * 0.999 for a, b in itertools.pairwise(times))  # steps follow each other on the GPU
     engine.trace_gpu(False)
     assert engine.gpu_step_times() == []
     llm.close()
