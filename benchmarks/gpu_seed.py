@@ -11,7 +11,10 @@ Cells (`--plan-only` lists them with a runtime estimate; `--only REGEX` picks by
 - http/:   main's N=1000 uniform c=32 through `lorascope serve`'s app (uvicorn, in this process
            around the same engine: no second 16 GB model) with the loadgen client in a child process.
 - scale/:  10,000 adapters from `synthetic:10000:16:20` (generated on load, 20 ms injected per load),
-           uniform, c=32, max_loras 256, host tier 1,000, not pre-touched: loads are part of the cost.
+           uniform, c=32, max_loras 256, host tier 1,000 (a0000..a0999 read before the cell, as a
+           running server's tier is full: 90% of requests still load from the source, evicting one).
+- budget/: `--budgets C:B,...`: N=1 and N=1000 uniform at concurrency C with a token budget of B
+           (A/B of `token_budget`), on the main engine, each pair with its own requests.
 - sweep/:  max_loras in {4 ... 1024}, N=1000, c=32: uniform under `vllm` and `fair`, Zipf 1.5 under
            `fair` for max_loras >= 32 (the p99 TTFT target); max_loras 256 cells are main's.
 - sweepC/: the study's sweep C: Zipf 1.5, N=500, c=32, max_loras 4 and 8, both policies.
@@ -23,14 +26,15 @@ Adapters: `synthetic:1000:16:0:0` (a0000.. with seed 0) behind a memo, so an eng
 other knobs does not regenerate them; every engine's host tier (max_cpu_loras = max(1000,
 max_loras)) holds all 1,000 (~13.6 GB pinned), filled before the engine starts, and its first
 min(max_loras, 1000) adapters are preloaded into device slots: N=1000 cells measure the steady
-state (device loads of host-resident adapters are part of it). HF's 100 adapters are a0000..a0099 of
+state (device loads of host-resident adapters are part of it). The 10k engine starts the same way
+with a0000..a0999 of its source in the host tier and a0000..a0255 in the slots. HF's 100 adapters are a0000..a0099 of
 the same seed, written to disk as PEFT directories.
 
 Engines: one model for the whole run (its weights are shared by every engine and by HF); one engine
 per (adapter source, max_loras), max_num_seqs = the largest concurrency of its cells,
 max_num_batched_tokens 1,024 (CUDA graphs up to it), pipelined steps (`--lockstep`: off); policy and
 token budget swapped on the idle engine between cells (`token_budget`: 8 tokens per sequence in
-flight, at least 256: 256 at c=32, 1,024 at c=256). After each build: CUDA graphs of every batch bucket are captured
+flight, at least 128: 128 at c=32, 512 at c=256). After each build: CUDA graphs of every batch bucket are captured
 and the prefill path is warmed, untimed. Each cell then runs W = c warm-up requests (out of every
 statistic) before its M measured ones (default max(256, 4c)), all in one closed loop.
 
@@ -144,7 +148,6 @@ class Plan:
     assumed_fixed_s: float = 45.0  # model init, adapter generation, first compiles
     assumed_hf_s: float = 60.0
     budgets: tuple[tuple[int, int], ...] = ()  # (concurrency, token budget) cells beside main's: --budgets
-    scale_prewarm: int = 0  # --scale-prewarm: a second 10k cell after this many pinned buffers were cached
 
 
 QUICK = {
@@ -182,7 +185,7 @@ class Cell:
     via: str = "api"  # api | http
     same_as: str | None = None  # measured by that cell (identical config)
     budget: int | None = None  # max_num_batched_tokens of the cell (None: token_budget)
-    prewarm_pinned: int = 0  # page-locked buffers of one adapter's size allocated and freed before the cell
+    workload_seed: int = 0  # added to the plan's seed: cells on one engine that must not share requests
 
     @property
     def engine(self) -> tuple[str, int]:
@@ -190,11 +193,13 @@ class Cell:
 
 
 def token_budget(p: Plan, concurrency: int) -> int:
-    """A cell's max_num_batched_tokens: 8 tokens per sequence in flight, at least 256, at most the
-    engine's. At c=32 that is 256: every step is the decode batch plus at most ~two prompts, so prompts
-    spread over the decode steps (which are bound by weight reads, not compute) instead of arriving as
-    one wave of 32 x 128 tokens whose steps run past the graphs."""
-    return min(p.max_step_tokens, max(256, 8 * concurrency))
+    """A cell's max_num_batched_tokens: 2 tokens per sequence in flight, at least 128, at most the
+    engine's: 128 at c=32, 512 at c=256. Prompts then spread over the decode steps (bound by weight
+    reads, not compute) instead of arriving as one wave of c x 128 tokens. Measured on the H200
+    (RESULTS.md, 2026-11-29, `--budgets`): at c=32, 64 / 96 / 128 / 256 gave 5,238 / 5,338 / 5,390 /
+    5,267 tok/s with one adapter (64: a prompt spread over four steps leaves the batch short); at
+    c=256, 512 gave 13,860 and 1,024 gave 12,903 (N=1000 uniform)."""
+    return min(p.max_step_tokens, max(128, 2 * concurrency))
 
 
 def law_tag(traffic: str) -> str:
@@ -239,10 +244,11 @@ def build_cells(p: Plan) -> list[Cell]:
         Cell("hf/one-adapter", 1, "uniform", p.hf_batch, 0, source="hf"),
         Cell(f"hf/uniform-{p.hf_adapters}", p.hf_adapters, "uniform", p.hf_batch, 0, source="hf"),
     ]
-    if p.scale_prewarm:
-        scale.append(replace(scale[0], cell_id=scale[0].cell_id + "-prewarm", prewarm_pinned=p.scale_prewarm))
+    # other requests than main's (and each other's): adapters a cell left resident must not serve the next
     budget = [
-        Cell(f"budget/n{n}-uniform-c{c}-b{b}", n, "uniform", c, ml, budget=b) for c, b in p.budgets for n in (1, p.pool)
+        Cell(f"budget/n{n}-uniform-c{c}-b{b}", n, "uniform", c, ml, budget=b, workload_seed=1 + i)
+        for i, (c, b) in enumerate(p.budgets)
+        for n in (1, p.pool)
     ]
     ordered += budget + scale + sweep + sweep_c + hf
     return sorted(ordered, key=lambda c: c.policy == "vllm")
@@ -426,27 +432,27 @@ class Seed:
         return aeng, info
 
     def warm(self, eng: Any, source: str, info: dict[str, Any]) -> None:
-        """Before the engine thread starts: host tier and device slots (pool only), CUDA graphs of every
-        bucket, and the prefill path with adapters (pool only: the scale cell touches no adapter here)."""
+        """Before the engine thread starts, the steady state of a long-running server: the host tier full
+        (its first max_cpu_loras adapters; the 10k source's too, so its loads evict and reuse page-locked
+        buffers instead of each pinning new memory) and the device slots holding the first max_loras;
+        then CUDA graphs of every bucket, and the prefill path with adapters."""
         p, vocab, max_loras = self.plan, eng.model_cfg.vocab_size, eng.cfg.max_loras
         names = eng.source.names()
         rng = np.random.default_rng(p.seed + 11)
-        if source == "pool":  # the steady state of 1,000 host-resident adapters; none for the scale cell
-            info["host_fill_s"] = fill_host_tier(eng, names)
-            t = time.perf_counter()
-            eng.preload(names[: min(max_loras, len(names))])
-            info["preload_s"] = time.perf_counter() - t
+        info["host_fill_s"] = fill_host_tier(eng, names[: eng.cfg.max_cpu_loras])
+        t = time.perf_counter()
+        eng.preload(names[: min(max_loras, len(names))])
+        info["preload_s"] = time.perf_counter() - t
         t = time.perf_counter()
         info["graphs_captured"] = capture_graphs(eng, vocab)
         info["capture_s"] = time.perf_counter() - t
-        if source == "pool":
-            t = time.perf_counter()
-            warm = [
-                (rng.integers(0, vocab, p.prompt_len).tolist(), names[i % min(max_loras, len(names))])
-                for i in range(min(eng.cfg.max_num_seqs, 64))
-            ]
-            sync_generate(eng, warm, 4)
-            info["prefill_warm_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        warm = [
+            (rng.integers(0, vocab, p.prompt_len).tolist(), names[i % min(max_loras, len(names))])
+            for i in range(min(eng.cfg.max_num_seqs, 64))
+        ]
+        sync_generate(eng, warm, 4)
+        info["prefill_warm_s"] = time.perf_counter() - t
         _sync(p.device)
         info["memory_bytes"] = eng.memory_bytes()
 
@@ -501,14 +507,12 @@ class Seed:
             warmup + measured,
             p.prompt_len,
             p.output_len,
-            p.seed,
+            p.seed + cell.workload_seed,
             vocab_size=aeng.engine.model_cfg.vocab_size,
         )
         prompts = [(wl.prompt_token_ids(i), names[int(wl.adapter[i])]) for i in range(len(wl))]
         start = time.perf_counter()
         budget = cell.budget or token_budget(p, cell.concurrency)
-        if cell.prewarm_pinned:
-            result_prewarm_s = prewarm_pinned(cell.prewarm_pinned, int(self.bytes["adapter_bytes"]))
         asyncio.run(set_policy(aeng, cell.policy, budget))
         trace = cell.via == "api" and p.device.startswith("cuda")
         if trace:
@@ -526,8 +530,6 @@ class Seed:
             "wall_s": time.perf_counter() - start,
             "distinct_adapters": len(set(wl.adapter[warmup:].tolist())),
         }
-        if cell.prewarm_pinned:
-            result["prewarm_pinned_s"] = result_prewarm_s
         result |= phase_stats(phase, p.output_len)
         result["driver_loop_lag_ms"] = phase.loop_lag or None
         gpu = aeng.engine.gpu_step_times() if trace else None
@@ -614,18 +616,6 @@ class Seed:
             self.report["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         _free(p.device)
         self.write()
-
-
-def prewarm_pinned(count: int, nbytes: int) -> float:
-    """Allocate `count` page-locked buffers of `nbytes` and free them: torch's caching host allocator
-    keeps them, so loads that follow reuse them instead of each page-locking new memory (what a host
-    tier in its steady state, evicting as it loads, does anyway). Returns the seconds it took."""
-    start = time.perf_counter()
-    if not torch.cuda.is_available():  # no page-locked memory without CUDA
-        return 0.0
-    bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
-    del bufs
-    return time.perf_counter() - start
 
 
 def _free(device: str) -> None:
@@ -916,12 +906,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="extra budget/ cells, CONCURRENCY:TOKENS pairs (e.g. 32:64,32:128): N=1 and N=1000 uniform "
         "on the main engine with that max_num_batched_tokens instead of token_budget's",
     )
-    ap.add_argument(
-        "--scale-prewarm",
-        type=int,
-        default=0,
-        help="add a 10k cell run after allocating and freeing this many pinned adapter-sized buffers",
-    )
     return ap.parse_args(argv)
 
 
@@ -936,7 +920,6 @@ def make_plan(args: argparse.Namespace) -> Plan:
         loader_threads=args.loader_threads or min(16, os.cpu_count() or 2),
         async_scheduling=not args.lockstep,
         max_step_tokens=args.max_step_tokens,
-        scale_prewarm=args.scale_prewarm,
     )
     if args.budgets:
         pairs = (item.split(":") for item in args.budgets.split(","))

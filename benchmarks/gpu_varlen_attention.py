@@ -18,10 +18,11 @@ Per cell:
    - `current_decode_graph`: for pure-decode cells, the decode kernel alone in a CUDA graph (what the
      engine replays today); `meta_build_ms`: AttentionMetadata.build on the host, which the current path
      needs every step.
-3. Sweep (graph replay only, eager too with --sweep-eager), to check the shape heuristics
-   (`default_block_m`, `default_num_warps`, `default_partition`): pure-decode cells: block_m 1/4 tokens
-   per program x num_warps 4/8 x block_n 32/64/128 x partition None/64/128 (split-K); cells with
-   prefill chunks: block_m 4/8/16 x num_warps 4/8 x block_n 32/64/128, partition "auto".
+3. Sweep (graph replay only, eager too with --sweep-eager; cells of --sweep-cells), to check the shape
+   heuristics (`default_block_m`, `default_num_warps`) and Triton's pipelining depth: pure-decode cells:
+   block_m 4 tokens per program (16 rows) x num_warps 4/8 x block_n 64/128 x num_stages 2/3/4, single
+   pass (split-K was slower at these shapes: RESULTS.md 2026-11-29); cells with prefill chunks:
+   block_m 4/16 x num_warps 4 x block_n 64/128 x num_stages 2/3/4.
 
     PYTHONPATH=src python3 benchmarks/gpu_varlen_attention.py --out $OUT/gpu_varlen_attention.json
 
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--sweep-eager", action="store_true", help="time each sweep config eagerly too (slower)")
+    ap.add_argument("--sweep-cells", nargs="+", default=None, help="cell name prefixes to sweep (default: all run)")
     args = ap.parse_args(argv)
     if args.device == "cpu" and not args.dry_run:
         ap.error("--device cpu needs --dry-run (the kernel runs on the CPU only under the interpreter)")
@@ -115,16 +117,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         heads, kv_heads, head_dim = 4, 2, 32
-        decode_grid = [(bm, 4, 16, part) for bm in (1, 4) for part in (None, 16)]
-        mixed_grid = [(bm, 4, 16, "auto") for bm in (1, 4)]
+        decode_grid = [(4, 4, 16, None, st) for st in (None, 2)]
+        mixed_grid = [(bm, 4, 16, "auto", None) for bm in (1, 4)]
     else:
         if not torch.cuda.is_available():
             print("no CUDA device (use --device cpu --dry-run on the CPU)", file=sys.stderr)
             return 2
         heads, kv_heads, head_dim = 32, 8, 128
-        decode_grid = [(bm, nw, bn, part) for bm in (1, 4) for nw in (4, 8) for bn in (32, 64, 128)
-                       for part in (None, 64, 128) if part is None or part % bn == 0]  # fmt: skip
-        mixed_grid = [(bm, nw, bn, "auto") for bm in (4, 8, 16) for nw in (4, 8) for bn in (32, 64, 128)]
+        decode_grid = [(4, nw, bn, None, st) for nw in (4, 8) for bn in (64, 128) for st in (2, 3, 4)]
+        mixed_grid = [(bm, 4, bn, "auto", st) for bm in (4, 16) for bn in (64, 128) for st in (2, 3, 4)]
     device, dtype, block_size = args.device, torch.bfloat16, 16
     scale = head_dim**-0.5
     graphs = device == "cuda" and not args.no_graph
@@ -231,22 +232,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{cell.name}: varlen {row['varlen_ms'] * 1e3:.1f} us, current {row['current_ms'] * 1e3:.1f} us, "
               f"err vs current {err_cur:.1e}", file=sys.stderr)  # fmt: skip
 
-        if not args.no_sweep:
+        if not args.no_sweep and (args.sweep_cells is None or any(cell.name.startswith(p) for p in args.sweep_cells)):
             configs = decode_grid if all(n == 1 for n in cell.q_lens) else mixed_grid
-            for block_m, num_warps, block_n, partition in configs:
+            for block_m, num_warps, block_n, partition, stages in configs:
 
-                def call(block_m=block_m, num_warps=num_warps, block_n=block_n, partition=partition, vargs=vargs):
+                def call(block_m=block_m, num_warps=num_warps, block_n=block_n, partition=partition, stages=stages,
+                         vargs=vargs):  # fmt: skip
                     return kvar.paged_varlen_attention(
-                        *vargs, block_m=block_m, num_warps=num_warps, block_n=block_n, partition_size=partition
-                    )
+                        *vargs, block_m=block_m, num_warps=num_warps, block_n=block_n, partition_size=partition,
+                        num_stages=stages,
+                    )  # fmt: skip
 
                 res = call()
                 diff = (res.float() - got.float()).abs().max().item()
-                tag = f"block_m={block_m} num_warps={num_warps} block_n={block_n} partition={partition}"
+                tag = f"block_m={block_m} num_warps={num_warps} block_n={block_n} partition={partition} stages={stages}"
                 if diff > 2e-2:
                     failures.append(f"{cell.name} {tag}: differs from the default by {diff:.2e}")
                 entry = {"cell": cell.name, "block_m": block_m, "num_warps": num_warps, "block_n": block_n,
-                         "partition": partition}  # fmt: skip
+                         "partition": partition, "num_stages": stages}  # fmt: skip
                 if args.sweep_eager or not graphs:
                     entry["ms"] = bench(call)
                 if graphs:
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             graph_us = f"{s['graph_ms'] * 1e3:8.1f}" if "graph_ms" in s else f"{'-':>8}"
             eager_us = f"{s['ms'] * 1e3:8.1f}" if "ms" in s else f"{'-':>8}"
             print(f"  {s['cell']:<20} block_m={s['block_m']!s:>4} warps={s['num_warps']!s:>4} "
-                  f"block_n={s['block_n']!s:>4} partition={s['partition']!s:>5}: {eager_us} {graph_us}")  # fmt: skip
+                  f"block_n={s['block_n']!s:>4} partition={s['partition']!s:>5} stages={s['num_stages']!s:>4}: "
+                  f"{eager_us} {graph_us}")  # fmt: skip
     if failures:
         print("\nFAILURES:\n  " + "\n  ".join(failures))
         return 1

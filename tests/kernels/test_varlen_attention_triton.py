@@ -29,6 +29,7 @@ from lorascope.kernels.varlen_attention_triton import (
     HAS_TRITON,
     VarlenMetadata,
     default_block_m,
+    default_num_warps,
     default_partition,
     num_tiles,
     paged_varlen_attention,
@@ -384,15 +385,20 @@ def test_metadata_packs_and_updates_in_place() -> None:
 
 
 def test_defaults_depend_on_shapes_only() -> None:
-    # decode-heavy steps (T <= 2 S): 16-row tiles (the decode kernel's program); else 64 rows
+    # 16-row tiles (the decode kernel's program) up to 8 tokens per sequence on average; else 64 rows
     assert default_block_m(256, 256, 4, 128) == 4
     assert default_block_m(510, 256, 4, 128) == 4
-    assert default_block_m(158, 32, 4, 128) == 16
+    assert default_block_m(158, 32, 4, 128) == 4  # 30 decode tokens + a 128-token chunk (measured faster)
+    assert default_block_m(256, 32, 4, 128) == 4
+    assert default_block_m(257, 32, 4, 128) == 16
     assert default_block_m(2048, 1, 4, 128) == 16
     assert default_block_m(2048, 1, 8, 128) == 8
     assert default_block_m(2048, 1, 1, 256) == 32
     assert default_block_m(64, 64, 32, 128) == 1
     assert num_tiles(256, 256, 4) == 320
+    assert default_num_warps(128, 64, 16) == 4  # 16-row tiles: 4 warps
+    assert default_num_warps(128, 64, 64) == 8
+    assert default_num_warps(64, 64, 64) == 4
     # split-K only with fewer programs than SMs and a table wider than 128 positions
     assert default_partition(num_tiles(256, 256, 4), 8, 4096, 64, 256, 32, 128) is None
     assert default_partition(num_tiles(4, 4, 4), 8, 4096, 64, 4, 32, 128) == 128

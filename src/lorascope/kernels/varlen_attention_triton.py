@@ -38,13 +38,17 @@ m = -inf without producing NaN), acc += P @ V with P rounded to the cache dtype 
 with no valid position at all write zeros.
 
 Decode vs prefill: the tile height is a constexpr, BLOCK_M tokens per program (`default_block_m`, from
-shapes only): BLOCK_M * GROUP_PAD = 16 rows when the step is decode-heavy (T <= 2 S: at most two tokens
-per sequence on average), else 64 rows (32 at head_dim 256). A q_len 1 token in a 16-row tile is exactly
+shapes only): BLOCK_M * GROUP_PAD = 16 rows unless the step is prefill-heavy (T > 8 S: more than eight
+tokens per sequence on average), then 64 rows (32 at head_dim 256). A q_len 1 token in a 16-row tile is exactly
 the decode kernel's program: one [16, D] x [D, BLOCK_N] dot per K/V tile, one K/V pass per (sequence, kv
 head), the same grid size (plus at most T // BLOCK_M programs that exit after the search). 64-row tiles
 serve prefill: each K/V tile read from memory feeds 64 query rows (4x fewer K/V passes over a chunk than
-16 rows); a decode token in one only wastes tensor-core work, never memory traffic. num_warps
-(`default_num_warps`): 8 for head_dim * BLOCK_N >= 128 * 64, else 4 (no register spills on sm_90).
+16 rows); a decode token in one only wastes tensor-core work, never memory traffic. Measured on the
+H200 (benchmarks/RESULTS.md, 2026-11-29): for 30 decode tokens + one 128-token chunk (T = 158, S = 31)
+16-row tiles with 4 warps take 23.6 us a call and 64-row tiles with 8 warps 39 us, so a decode batch
+with a chunk of its size keeps 16-row tiles; 64 rows are for long prefills. num_warps
+(`default_num_warps`): 4 for 16-row tiles (as fast as 8 on pure decode, 1.3x faster on that mixed step),
+else 8 for head_dim * BLOCK_N >= 128 * 64, else 4.
 Long contexts with few programs: split-K (flash-decoding) as in the decode kernel: with num_splits > 1
 split k covers positions [k P, (k + 1) P) and writes float32 partials (m, l, acc) per token and head;
 `_varlen_reduce_kernel`, grid (num_tiles, Hkv), merges the splits that hold work for its tile.
@@ -80,17 +84,21 @@ def default_block_n(head_dim: int) -> int:
 
 
 def default_block_m(num_tokens: int, capacity: int, group: int, head_dim: int) -> int:
-    """Query tokens per program, from shapes only: tiles of 16 rows (BLOCK_M * GROUP_PAD) when the step is
-    decode-heavy (num_tokens <= 2 * capacity), else 64 rows (32 for head_dim 256); at least one token."""
-    rows = 16 if num_tokens <= 2 * capacity else (64 if head_dim <= 128 else 32)
+    """Query tokens per program, from shapes only: tiles of 16 rows (BLOCK_M * GROUP_PAD) unless the step
+    is prefill-heavy (num_tokens > 8 * capacity), then 64 rows (32 for head_dim 256); at least one token."""
+    rows = 16 if num_tokens <= 8 * capacity else (64 if head_dim <= 128 else 32)
     return max(1, rows // _next_pow2(group))
 
 
-def default_num_warps(head_dim: int, block_n: int) -> int:
-    """8 warps once a K/V tile holds 128 x 64 elements (head_dim 128 and 256 at the default block_n), else
-    4. ptxas for sm_90 (Triton 3.9, bf16): at head_dim 128, block_n 64, 4 warps spill (216 bytes at 16
-    rows, 400 at 64: 255 registers), 8 warps do not (~222 registers, 16 to 128 rows); head_dim 64 with 4
-    warps does not spill."""
+def default_num_warps(head_dim: int, block_n: int, rows: int = 64) -> int:
+    """4 warps for tiles of at most 16 rows (BLOCK_M * GROUP_PAD); else 8 once a K/V tile holds 128 x 64
+    elements (head_dim 128 and 256 at the default block_n), else 4. ptxas for sm_90 (Triton 3.9, bf16):
+    at head_dim 128, block_n 64, 4 warps spill (216 bytes at 16 rows, 400 at 64: 255 registers), 8
+    warps do not (~222 registers, 16 to 128 rows); head_dim 64 with 4 warps does not spill. At 16 rows
+    the spill costs less than the second program per SM that 4 warps allow: measured on the H200, 4
+    warps are as fast as 8 on 32 decode tokens and 1.3x faster with a 128-token chunk beside them."""
+    if rows <= 16:
+        return 4
     return 8 if head_dim * block_n >= 128 * 64 else 4
 
 
@@ -240,6 +248,7 @@ def paged_varlen_attention(
     block_n: int | None = None,
     partition_size: int | str | None = "auto",
     num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Attention of a step's new tokens (any mix of prefill chunks and decode tokens); returns out [T, H, D].
 
@@ -247,8 +256,9 @@ def paged_varlen_attention(
     seq_lens [S] int32 and block_tables [S, max_blocks] int32 (the module docstring's layout contract;
     `varlen_metadata` packs them). out: written in place at the sequences' tokens only (None: a new
     zero-filled tensor). block_m (tokens per program, a power of two), block_n (positions per tile, a power
-    of two >= 16), partition_size ("auto", None: single pass, or a multiple of block_n: split-K) and
-    num_warps override the shape-derived defaults (benchmarks, tuning). No host sync, and the launch
+    of two >= 16), partition_size ("auto", None: single pass, or a multiple of block_n: split-K),
+    num_warps and num_stages (Triton's software pipelining depth; None: Triton's default) override the
+    shape-derived defaults (benchmarks, tuning). No host sync, and the launch
     depends only on shapes: capturable in a CUDA graph.
     """
     if not HAS_TRITON:
@@ -306,7 +316,10 @@ def paged_varlen_attention(
         "BLOCK_SIZE": block_size,
         "HAS_WINDOW": window > 0,
     }
-    launch = {"num_warps": default_num_warps(head_dim, block_n) if num_warps is None else num_warps}
+    rows = block_m * group_pad
+    launch = {"num_warps": default_num_warps(head_dim, block_n, rows) if num_warps is None else num_warps}
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     _varlen_kernel[(tiles, kv_heads, num_splits)](
         q,
         k_cache,
