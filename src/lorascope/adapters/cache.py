@@ -74,6 +74,9 @@ class AdapterCache:
         self._fresh: set[str] = set()  # loaded for a request that has not acquired it yet
         self.refs: Counter[str] = Counter()  # running requests per adapter (read by loader threads: copy first)
         self._in_step: set[str] = set()  # adapters the current step reads: their slots stay until the next step
+        # per slot, the CUDA event recorded after the launches of the last step that read it: a load into
+        # the slot waits for that step's kernels only, not for everything queued on the compute stream
+        self._slot_read: list[torch.cuda.Event | None] = [None] * store.max_loras
         self.failed: dict[str, str] = {}
         self.host_counters = TierCounters()
         self.device_counters = TierCounters()
@@ -119,7 +122,7 @@ class AdapterCache:
         self._owner[slot] = name
         self.slot_of[name] = slot
         self.device_counters.misses += 1
-        self._loading[name] = self._pool.submit(self._load_into_slot, name, slot)
+        self._loading[name] = self._pool.submit(self._load_into_slot, name, slot, self._slot_read[slot])
         return True
 
     def prefetch_host(self, name: str) -> None:
@@ -161,6 +164,15 @@ class AdapterCache:
     def begin_step(self) -> None:
         """A new step starts: no slot is in use until `use` says so."""
         self._in_step.clear()
+
+    def step_launched(self) -> None:
+        """The current step's kernels are queued (CUDA): mark its slots as read up to this point, so a
+        later load into one of them (after an eviction) waits for exactly these kernels."""
+        if self.on_cuda and self._in_step:
+            event = torch.cuda.Event()
+            event.record()
+            for name in self._in_step:
+                self._slot_read[self.slot_of[name]] = event
 
     def use(self, name: str) -> None:
         """The current step reads `name`'s slot (it must be ready): the slot stays until the next step."""
@@ -229,13 +241,15 @@ class AdapterCache:
         self.store.clear(slot)
         return slot
 
-    def _load_into_slot(self, name: str, slot: int) -> None:
+    def _load_into_slot(self, name: str, slot: int, read_by: torch.cuda.Event | None = None) -> None:
         host = self._host_get(name, True)
         start = time.perf_counter()
         if self._copy_stream is not None:
-            # the slot may have been read by the last step, whose kernels can still be running (a step
-            # with no sampling row does not sync with the host): the copy waits for the compute stream
-            self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
+            # the slot may have been read by a step whose kernels are still running (pipelined steps run
+            # ahead of the host): the copy waits for the last step that read it (`read_by`, recorded by
+            # step_launched), not for the whole compute stream, which holds up to two steps of other work
+            if read_by is not None:
+                self._copy_stream.wait_event(read_by)
             with torch.cuda.stream(self._copy_stream):
                 self.store.write(slot, host, non_blocking=True)
             self._copy_stream.synchronize()

@@ -205,6 +205,7 @@ class LLMEngine:
             events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             events[0].record()
         samplers, logits = self.runner.execute(out.scheduled, self.cache.slot_of.__getitem__)
+        self.cache.step_launched()
         if trace is not None:
             events[1].record()
             trace.append((out.step, *events))
