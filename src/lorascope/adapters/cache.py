@@ -20,6 +20,7 @@ host->device copies); *evictions* count adapters pushed out to make room.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -77,6 +78,8 @@ class AdapterCache:
         # per slot, the CUDA event recorded after the launches of the last step that read it: a load into
         # the slot waits for that step's kernels only, not for everything queued on the compute stream
         self._slot_read: list[torch.cuda.Event | None] = [None] * store.max_loras
+        # LORASCOPE_LOAD_WAITS_FOR_STREAM=1: the old rule (wait for the whole compute stream), for A/B runs
+        self._wait_whole_stream = os.environ.get("LORASCOPE_LOAD_WAITS_FOR_STREAM") == "1"
         self.failed: dict[str, str] = {}
         self.host_counters = TierCounters()
         self.device_counters = TierCounters()
@@ -248,7 +251,9 @@ class AdapterCache:
             # the slot may have been read by a step whose kernels are still running (pipelined steps run
             # ahead of the host): the copy waits for the last step that read it (`read_by`, recorded by
             # step_launched), not for the whole compute stream, which holds up to two steps of other work
-            if read_by is not None:
+            if self._wait_whole_stream:
+                self._copy_stream.wait_stream(torch.cuda.default_stream(self._copy_stream.device))
+            elif read_by is not None:
                 self._copy_stream.wait_event(read_by)
             with torch.cuda.stream(self._copy_stream):
                 self.store.write(slot, host, non_blocking=True)
