@@ -51,6 +51,24 @@ def test_streams_equal_the_offline_api(engine, model_dir, mixed_adapters) -> Non
     assert streamed == offline
 
 
+def test_a_consumer_that_falls_behind_gets_the_missed_steps_in_one_delta(engine) -> None:
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def read(slow: bool) -> list[list[int]]:
+        chunks = []
+        async for delta in engine.generate([5, 6, 7, 8], params):
+            chunks.append(delta.token_ids)
+            if slow:
+                await asyncio.sleep(0.05)  # several steps go by: they queue up for this stream
+            if delta.finished:
+                assert delta.completion_tokens == sum(map(len, chunks)) == 40
+        return chunks
+
+    fast, slow = asyncio.run(read(False)), asyncio.run(read(True))
+    assert sum(fast, []) == sum(slow, [])  # the same tokens, in order
+    assert max(map(len, slow)) > 1 and len(slow) < len(fast)
+
+
 def test_cancelled_streams_free_blocks_and_adapters(engine, mixed_adapters) -> None:
     names = sorted(mixed_adapters("tiny"))
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)

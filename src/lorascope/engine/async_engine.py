@@ -120,7 +120,11 @@ class AsyncLLMEngine:
         self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None, request_id: str | None = None
     ) -> AsyncIterator[Delta]:
         """Stream a request's tokens. Raises input errors (ValueError) and OverloadedError before the
-        first delta; cancelling the consumer aborts the request."""
+        first delta; cancelling the consumer aborts the request. A consumer that falls behind the
+        engine gets the steps it missed as one delta (their tokens in order, the last one's status):
+        a server pays its per-chunk cost (a socket write through the ASGI stack, ~0.3 ms on cpu2)
+        once per read instead of once per step, so a busy event loop catches up instead of taking
+        the GIL from the engine thread for every token."""
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta] = asyncio.Queue()
 
@@ -144,6 +148,8 @@ class AsyncLLMEngine:
                 raise
             while not finished:
                 delta = await deltas.get()
+                while not delta.finished and not deltas.empty():
+                    delta = _merge(delta, deltas.get_nowait())
                 finished = delta.finished
                 yield delta
         finally:
@@ -296,6 +302,12 @@ class AsyncLLMEngine:
         if not isinstance(source, DirectorySource):
             raise AdapterError(f"runtime loading needs a directory adapter source, not {type(source).__name__}")
         return source
+
+
+def _merge(first: Delta, later: Delta) -> Delta:
+    """Two consecutive deltas of one request as one: both steps' tokens, the later one's status."""
+    return Delta(first.request_id, first.token_ids + later.token_ids, later.finished, later.finish_reason, later.error,
+                 later.prompt_tokens, later.completion_tokens)
 
 
 def _deliver(items: list[tuple[asyncio.Queue[Delta], Delta]]) -> None:
