@@ -8,6 +8,8 @@ llama-3.1-8b shapes with packed projections (qkv 4096->6144, o 4096->4096, gate_
 layout, a CUDA graph of the 128 GEMMs is replayed: ms per step and TB/s of weight bytes. Layouts:
 `linear` F.linear(x, W) with W [out, in] (what the engine runs: cuBLAS TN), `matmul_t` x @ Wt with Wt
 [in, out] contiguous (cuBLAS NN). Also per shape (M=32), the time of one GEMM inside the graph.
+`--blas cublaslt` routes torch's GEMMs through cuBLASLt (`torch.backends.cuda.preferred_blas_library`),
+whose heuristics may pick other kernels for the skinny shapes; `default` leaves torch's choice.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", default="32,64,128")
+    ap.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     args = ap.parse_args()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     dev, dt = "cuda", torch.bfloat16
     weights = {k: [torch.randn(o, i, device=dev, dtype=dt) * 0.02 for _ in range(LAYERS)] for k, (i, o) in SHAPES.items()}
     total_bytes = sum(w.numel() * 2 for ws in weights.values() for w in ws)
@@ -75,7 +80,7 @@ def main() -> None:
         if layout == "matmul_t":
             del ws
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "blas": args.blas,
                                     "weight_bytes": total_bytes, "rows": rows}, indent=1))
 
 
