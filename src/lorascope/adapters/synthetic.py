@@ -112,7 +112,7 @@ def _adapter_weights(
     dtype: torch.dtype,
     pin_memory: bool = False,
 ) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-    # One draw per adapter, seeded from (seed, index) alone, into one flat buffer that every tensor is
+    # One fill per adapter (_draw), from (seed, index) alone, into one flat buffer that every tensor is
     # a view of. The values are bfloat16 numbers whatever `dtype` is (exact in float32), so a float32
     # file read back in bfloat16 equals a bfloat16 load, and a bfloat16 load is generated in place.
     layers = cfg.num_hidden_layers
