@@ -26,14 +26,14 @@ Adapters: `synthetic:1000:16:0:0` (a0000.. with seed 0) behind a memo, so an eng
 other knobs does not regenerate them; every engine's host tier (max_cpu_loras = max(1000,
 max_loras)) holds all 1,000 (~13.6 GB pinned), filled before the engine starts, and its first
 min(max_loras, 1000) adapters are preloaded into device slots: N=1000 cells measure the steady
-state (device loads of host-resident adapters are part of it). The 10k engine starts the same way
-with a0000..a0999 of its source in the host tier and a0000..a0255 in the slots. HF's 100 adapters are a0000..a0099 of
-the same seed, written to disk as PEFT directories.
+state (device loads of host-resident adapters are part of it). The 10k engine starts the same way,
+with a0000..a0999 of its source in the host tier and a0000..a0255 in the slots. HF's 100 adapters
+are a0000..a0099 of the same seed, written to disk as PEFT directories.
 
 Engines: one model for the whole run (its weights are shared by every engine and by HF); one engine
 per (adapter source, max_loras), max_num_seqs = the largest concurrency of its cells,
 max_num_batched_tokens 1,024 (CUDA graphs up to it), pipelined steps (`--lockstep`: off); policy and
-token budget swapped on the idle engine between cells (`token_budget`: 8 tokens per sequence in
+token budget swapped on the idle engine between cells (`token_budget`: 2 tokens per sequence in
 flight, at least 128: 128 at c=32, 512 at c=256). After each build: CUDA graphs of every batch bucket are captured
 and the prefill path is warmed, untimed. Each cell then runs W = c warm-up requests (out of every
 statistic) before its M measured ones (default max(256, 4c)), all in one closed loop.
@@ -421,7 +421,7 @@ class Seed:
         }
         info["constructed_s"] = time.perf_counter() - start
         try:
-            self.warm(aeng.engine, source, info)
+            self.warm(aeng.engine, info)
         except BaseException:
             aeng.shutdown()  # not started: closes its loader threads
             raise
@@ -431,7 +431,7 @@ class Seed:
         self.builds_s.append(info["build_s"])
         return aeng, info
 
-    def warm(self, eng: Any, source: str, info: dict[str, Any]) -> None:
+    def warm(self, eng: Any, info: dict[str, Any]) -> None:
         """Before the engine thread starts, the steady state of a long-running server: the host tier full
         (its first max_cpu_loras adapters; the 10k source's too, so its loads evict and reuse page-locked
         buffers instead of each pinning new memory) and the device slots holding the first max_loras;
