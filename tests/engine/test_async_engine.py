@@ -4,6 +4,7 @@ refused before queueing, runtime adapters load (validated) and unload, input err
 from __future__ import annotations
 
 import asyncio
+import itertools
 import shutil
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def test_a_consumer_that_falls_behind_gets_the_missed_steps_in_one_delta(engine)
         return chunks
 
     fast, slow = asyncio.run(read(False)), asyncio.run(read(True))
-    assert sum(fast, []) == sum(slow, [])  # the same tokens, in order
+    assert list(itertools.chain(*fast)) == list(itertools.chain(*slow))  # the same tokens, in order
     assert max(map(len, slow)) > 1 and len(slow) < len(fast)
 
 
