@@ -16,30 +16,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gpu_profile_decode import _replay_ms
 
 SHAPES = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 LAYERS = 32
 
 
 def replay_ms(fn, n: int = 20) -> float:
+    """fn captured in a CUDA graph, then ms per replay (gpu_profile_decode's timing)."""
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        graph.replay()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / n
+    return _replay_ms(graph, n)
 
 
 def main() -> None:
