@@ -63,6 +63,10 @@ class ModelRunner:
         self.use_graphs = self.use_triton and not enforce_eager
         # fused elementwise kernels on the GPU; LORASCOPE_UNFUSED=1 keeps torch's ops (A/B benchmarks)
         model.fused = self.use_triton and not os.environ.get("LORASCOPE_UNFUSED")
+        if model.fused and (spec := os.environ.get("LORASCOPE_L2_PREFETCH")):
+            from lorascope.kernels.l2_prefetch import L2Prefetcher, parse_spec
+
+            model.l2_prefetch = L2Prefetcher(parse_spec(spec), device)  # an experiment (kernels/l2_prefetch.py)
         if self.use_triton and not os.environ.get("LORASCOPE_UNPACKED"):
             model.pack_projections()  # one GEMM for q/k/v and one for gate/up; before any graph capture
         self.max_num_seqs = max_num_seqs

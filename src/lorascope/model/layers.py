@@ -13,6 +13,7 @@ from torch import nn
 
 from lorascope.kernels import fused_triton
 from lorascope.kernels.attention import paged_attention
+from lorascope.kernels.l2_prefetch import L2Prefetcher
 from lorascope.kernels.lora import lora_grouped
 from lorascope.model.config import ModelConfig
 from lorascope.model.context import StepContext
@@ -206,9 +207,12 @@ class Attention(nn.Module):
     def qkv(self) -> tuple[LoRALinear, LoRALinear, LoRALinear]:
         return self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False,
+                prefetch: L2Prefetcher | None = None) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = project(x, self.qkv, ctx, self.packed)  # packed: column slices, row stride q + 2 kv
+        if prefetch is not None:
+            prefetch("o", self.o_proj.weight)
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
@@ -235,8 +239,11 @@ class MLP(nn.Module):
     def gate_up(self) -> tuple[LoRALinear, LoRALinear]:
         return self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False,
+                prefetch: L2Prefetcher | None = None) -> torch.Tensor:
         gate, up = project(x, self.gate_up, ctx, self.packed)  # packed: column slices, row stride 2 I
+        if prefetch is not None:
+            prefetch("down", self.down_proj.weight)
         return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
 
 
@@ -253,13 +260,20 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx).float()
         return x + self.mlp(self.post_attention_layernorm(x), ctx).float()
 
-    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext
-                      ) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext,
+                      prefetch: L2Prefetcher | None = None, next_qkv: torch.Tensor | None = None) -> torch.Tensor:
         """The same layer with the GPU's fused kernels (kernels/fused_triton.py). `x` is the float32
         residual stream *before* the previous layer's MLP output `delta` is added (None for the first
         layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
-        layer's MLP output, which the next layer (or the final norm) adds."""
+        layer's MLP output, which the next layer (or the final norm) adds. `prefetch` (kernels/l2_prefetch.py)
+        pulls the next GEMM's weights into L2 at four fork points; `next_qkv` is the next layer's q/k/v weight."""
         h = fused_triton.add_rmsnorm(x, delta, self.input_layernorm.weight, self.input_layernorm.eps)
-        a = self.self_attn(h, positions, ctx, fused=True)
+        a = self.self_attn(h, positions, ctx, fused=True, prefetch=prefetch)
+        if prefetch is not None:
+            mlp = self.mlp
+            prefetch("gate_up", mlp.packed.weight if mlp.packed is not None else mlp.gate_proj.weight)
         h = fused_triton.add_rmsnorm(x, a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return self.mlp(h, ctx, fused=True)
+        out = self.mlp(h, ctx, fused=True, prefetch=prefetch)
+        if prefetch is not None:
+            prefetch("qkv", next_qkv)
+        return out
