@@ -53,6 +53,7 @@ def main() -> None:
     for spec in args.specs.split("|"):
         runner.model.l2_prefetch = None if spec == "none" else L2Prefetcher(parse_spec(spec), torch.device("cuda"))
         runner.graphs.clear()
+        runner._pool = None  # the cleared graphs' pool is gone with them
         outs = llm.generate(prompts, params, names)
         tokens = [o.token_ids for o in outs]
         first_tokens = first_tokens or tokens

@@ -63,6 +63,8 @@ class ModelRunner:
         self.use_graphs = self.use_triton and not enforce_eager
         # fused elementwise kernels on the GPU; LORASCOPE_UNFUSED=1 keeps torch's ops (A/B benchmarks)
         model.fused = self.use_triton and not os.environ.get("LORASCOPE_UNFUSED")
+        if device.type == "cuda" and (blas := os.environ.get("LORASCOPE_BLAS")):
+            torch.backends.cuda.preferred_blas_library(blas)  # process-wide: "cublaslt" | "cublas" (A/B)
         if model.fused and (spec := os.environ.get("LORASCOPE_L2_PREFETCH")):
             from lorascope.kernels.l2_prefetch import L2Prefetcher, parse_spec
 
