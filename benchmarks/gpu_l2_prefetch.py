@@ -4,7 +4,7 @@
         [--specs 'none|o=34|o=34,gate_up=16,down=16,qkv=16;mode=load']
 
 llama-3.1-8b shape, bf16, rank-16 q/v adapters, `--batch` sequences of `--prompt` tokens, each on its own
-adapter. Per spec ('none': no prefetch), the graphs are captured afresh by a greedy `generate` of 16
+adapter. Per spec ('none': no prefetch), the graphs are captured afresh by a greedy `generate` of 64
 tokens; then every captured bucket's graph is replayed (it keeps the last real step's metadata, so
 attention and LoRA do real work): ms per replay. The decode bucket (`--batch` tokens) is the number
 that matters. Every spec's tokens must equal the first spec's (prefetch changes no arithmetic).
@@ -48,7 +48,7 @@ def main() -> None:
     runner = llm.engine.runner
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 128000, (args.prompt,), generator=gen).tolist() for _ in range(args.batch)]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     rows, first_tokens = [], None
     for spec in args.specs.split("|"):
         runner.model.l2_prefetch = None if spec == "none" else L2Prefetcher(parse_spec(spec), torch.device("cuda"))

@@ -56,3 +56,56 @@ def test_gpu_step_trace_times_every_step() -> None:
     engine.trace_gpu(False)
     assert engine.gpu_step_times() == []
     llm.close()
+
+
+def test_capture_survives_a_thread_that_page_locks_and_syncs() -> None:
+    """The adapter loaders page-lock host buffers and synchronize their copy stream while a bucket may be
+    captured on first use: under torch's default capture mode ("global") either call invalidates it."""
+    import threading
+
+    llm = LLM("tiny", device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
+    runner = llm.engine.runner
+    stop, errors = threading.Event(), []
+
+    def loader() -> None:
+        stream = torch.cuda.Stream()
+        try:
+            while not stop.is_set():
+                host = torch.randn(1 << 16).pin_memory()
+                with torch.cuda.stream(stream):
+                    host.to("cuda", non_blocking=True)
+                stream.synchronize()
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    try:
+        runner.capture_all()
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    assert sorted(runner.graphs) == runner.token_buckets
+    out = llm.generate([[1, 2, 3]] * 4, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert all(len(o.token_ids) == 4 for o in out)
+    llm.close()
+
+
+@pytest.mark.parametrize("spec", ["o=1,gate_up=1,down=1,qkv=1", "o=1,qkv=1;mode=load;programs=4",
+                                  "gate_up=1;mode=prefetch_normal"])
+def test_l2_prefetch_changes_no_token(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 250, (3 + 5 * i,), generator=gen).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    outs = []
+    for env in (None, spec):
+        if env is None:
+            monkeypatch.delenv("LORASCOPE_L2_PREFETCH", raising=False)
+        else:
+            monkeypatch.setenv("LORASCOPE_L2_PREFETCH", env)
+        llm = LLM("tiny", device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
+        assert (llm.engine.runner.model.l2_prefetch is not None) == (env is not None)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        llm.close()
+    assert outs[0] == outs[1]

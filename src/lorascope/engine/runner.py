@@ -63,8 +63,11 @@ class ModelRunner:
         self.use_graphs = self.use_triton and not enforce_eager
         # fused elementwise kernels on the GPU; LORASCOPE_UNFUSED=1 keeps torch's ops (A/B benchmarks)
         model.fused = self.use_triton and not os.environ.get("LORASCOPE_UNFUSED")
-        if device.type == "cuda" and (blas := os.environ.get("LORASCOPE_BLAS")):
-            torch.backends.cuda.preferred_blas_library(blas)  # process-wide: "cublaslt" | "cublas" (A/B)
+        # cuBLASLt's heuristics pick faster kernels for the skinny decode GEMMs (8B shape, M = 32: 3.78 against
+        # 3.95 ms a step; benchmarks/RESULTS.md). Process-wide (torch has one setting); LORASCOPE_BLAS=default
+        # leaves torch's choice, =cublas forces cuBLAS (A/B benchmarks).
+        if self.use_triton and (blas := os.environ.get("LORASCOPE_BLAS", "cublaslt")) != "default":
+            torch.backends.cuda.preferred_blas_library(blas)
         if model.fused and (spec := os.environ.get("LORASCOPE_L2_PREFETCH")):
             from lorascope.kernels.l2_prefetch import L2Prefetcher, parse_spec
 
@@ -292,7 +295,10 @@ class ModelRunner:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: the adapter loader threads page-lock host buffers and synchronize their copy
+        # stream while a bucket is captured on first use; under the default ("global") mode those calls
+        # invalidate this thread's capture. They touch no stream this capture records.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             hidden = step()
         self._pool = graph.pool()
         captured = _StepGraph(graph, host, host_meta, dev_buf, dev_meta, lora_meta, hidden, None)
