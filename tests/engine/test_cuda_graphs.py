@@ -92,20 +92,23 @@ def test_capture_survives_a_thread_that_page_locks_and_syncs() -> None:
     llm.close()
 
 
-@pytest.mark.parametrize("spec", ["o=1,gate_up=1,down=1,qkv=1", "o=1,qkv=1;mode=load;programs=4",
-                                  "gate_up=1;mode=prefetch_normal"])
-def test_l2_prefetch_changes_no_token(monkeypatch: pytest.MonkeyPatch, spec: str) -> None:
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 250, (3 + 5 * i,), generator=gen).tolist() for i in range(6)]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-    outs = []
-    for env in (None, spec):
-        if env is None:
-            monkeypatch.delenv("LORASCOPE_L2_PREFETCH", raising=False)
-        else:
-            monkeypatch.setenv("LORASCOPE_L2_PREFETCH", env)
-        llm = LLM("tiny", device="cuda", dtype="float32", max_num_seqs=8, max_num_batched_tokens=64)
-        assert (llm.engine.runner.model.l2_prefetch is not None) == (env is not None)
-        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+def test_lora_shrink_beside_the_gemm_changes_no_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shrink on the side stream (the default) against after the GEMM on one stream, bf16, adapters on
+    every module (packed q/k/v and gate/up, and the single o/down), graph and eager steps."""
+    root = tmp_path / "a"
+    modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    make_adapters(root, "tiny", 4, [8, 16], modules, seed=6, dtype=torch.bfloat16)
+    names = [f"a{i:04d}" for i in range(4)] + [None]
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 250, (4 + 9 * i,), generator=gen).tolist() for i in range(10)]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for overlap, eager in itertools.product(("1", "0"), (False, True)):
+        monkeypatch.setenv("LORASCOPE_LORA_OVERLAP", overlap)
+        llm = LLM("tiny", root, device="cuda", dtype="bfloat16", max_loras=4, max_num_seqs=6, max_num_batched_tokens=48,
+                  enforce_eager=eager)
+        assert (llm.engine.runner.side_stream is not None) == (overlap == "1")
+        outs[overlap, eager] = [o.token_ids for o in llm.generate(prompts, params, [names[i % 5] for i in range(10)])]
         llm.close()
-    assert outs[0] == outs[1]
+    assert outs["1", False] == outs["0", False]
+    assert outs["1", True] == outs["0", True]

@@ -68,10 +68,10 @@ class ModelRunner:
         # leaves torch's choice, =cublas forces cuBLAS (A/B benchmarks).
         if self.use_triton and (blas := os.environ.get("LORASCOPE_BLAS", "cublaslt")) != "default":
             torch.backends.cuda.preferred_blas_library(blas)
-        if model.fused and (spec := os.environ.get("LORASCOPE_L2_PREFETCH")):
-            from lorascope.kernels.l2_prefetch import L2Prefetcher, parse_spec
-
-            model.l2_prefetch = L2Prefetcher(parse_spec(spec), device)  # an experiment (kernels/l2_prefetch.py)
+        # the LoRA shrink beside the base GEMM on a second stream (model/layers.py `_overlapped`);
+        # LORASCOPE_LORA_OVERLAP=0 runs it after the GEMM on one stream (A/B benchmarks)
+        overlap = os.environ.get("LORASCOPE_LORA_OVERLAP", "1") != "0"
+        self.side_stream = torch.cuda.Stream(device) if self.use_triton and store is not None and overlap else None
         if self.use_triton and not os.environ.get("LORASCOPE_UNPACKED"):
             model.pack_projections()  # one GEMM for q/k/v and one for gate/up; before any graph capture
         self.max_num_seqs = max_num_seqs
@@ -158,7 +158,7 @@ class ModelRunner:
                 samplers.append(req)
         attn = AttentionMetadata.build(q_lens, kv_lens, tables, self.block_size, self.model.cfg.sliding_window, self.device,
                                        varlen=self.use_triton)
-        ctx = StepContext(attn, self.kv_caches, self._lora_batch(segments) if segments else None)
+        ctx = StepContext(attn, self.kv_caches, self._lora_batch(segments) if segments else None, self.side_stream)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         if pending:
             ids = self._fill_pending(ids, torch.tensor(src, dtype=torch.long, device=self.device))
@@ -283,7 +283,8 @@ class ModelRunner:
                                        {m: store.scales[m] for m in store.modules}, dev, capacity=cap, max_len_bound=bucket)
         attn = AttentionMetadata(slot_mapping=dev_buf[2], varlen=varlen, block_size=self.block_size,
                                  sliding_window=self.model.cfg.sliding_window)
-        ctx = StepContext(attn, self.kv_caches, LoRABatch([], kernel_meta=lora_meta) if lora_meta is not None else None)
+        ctx = StepContext(attn, self.kv_caches, LoRABatch([], kernel_meta=lora_meta) if lora_meta is not None else None,
+                          self.side_stream)
 
         def step() -> torch.Tensor:
             return self.model(dev_buf[0], dev_buf[1], ctx)

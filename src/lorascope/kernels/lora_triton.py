@@ -54,6 +54,7 @@ inputs use IEEE dots, not tf32); u is rounded to the weights' dtype before the e
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -365,41 +366,81 @@ def lora_multi_triton(
        y_m[t, n] += sum of u's SPLIT planes (rounded to the weights' dtype) @ B_m[slot, n, :R]^T.
     Same masks and roundings as `lora_grouped_triton` (stale rank rows read as zero).
     """
-    if not HAS_TRITON:
-        raise RuntimeError("lora_multi_triton needs triton (pip install -e '.[gpu]')")
     if not 1 <= len(targets) <= MAX_GROUP:
         raise ValueError(f"lora_multi_triton takes 1..{MAX_GROUP} modules, got {len(targets)}")
     for y, a, b, _ in targets:
         _check_shapes(x, y, a, b)
-    a0 = targets[0][1]
-    if any(t[1].shape != a0.shape or t[1].stride() != a0.stride() for t in targets):
+    lora_multi_expand(lora_multi_shrink(x, [(a, meta) for _, a, _, meta in targets], [y.shape[1] for y, _, _, _ in targets],
+                                        split_k=split_k, block_n=block_n), targets)
+
+
+@dataclass(slots=True)
+class Shrunk:
+    """`lora_multi_shrink`'s result: the split-K planes of u, and what the expand needs to read them."""
+
+    u: torch.Tensor | None  # float32 [M, SPLIT, T, R]; None when the step has no tile
+    x: torch.Tensor
+    plan: LaunchPlan
+    r_pad: int
+    ieee: bool
+
+
+def lora_multi_shrink(x: torch.Tensor, modules: Sequence[tuple[torch.Tensor, LoRAModuleMeta]], fan_outs: Sequence[int],
+                      *, split_k: int | None = None, block_n: int | None = None,
+                      stream: torch.cuda.Stream | None = None) -> Shrunk:
+    """The first half of `lora_multi_triton`: modules are (A, meta[module]), fan_outs their outputs' widths.
+    With `stream`, u is allocated on the current stream and the shrink is launched on `stream` (which
+    must already wait for x): the caller runs the base GEMM meanwhile and joins before the expand."""
+    if not HAS_TRITON:
+        raise RuntimeError("lora_multi_triton needs triton (pip install -e '.[gpu]')")
+    if not 1 <= len(modules) <= MAX_GROUP or len(fan_outs) != len(modules):
+        raise ValueError(f"lora_multi_triton takes 1..{MAX_GROUP} modules, got {len(modules)}")
+    a0 = modules[0][0]
+    if any(a.shape != a0.shape or a.stride() != a0.stride() for a, _ in modules):
         raise ValueError("the grouped modules' A tensors must share one shape and layout [S, R, in]")
-    meta = targets[0][3]
+    if x.dim() != 2 or x.shape[1] != a0.shape[2] or x.dtype != a0.dtype or a0.shape[1] > 128:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} does not match A {tuple(a0.shape)} {a0.dtype} "
+                         "(or r_max > 128, which the Triton LoRA kernels do not support)")
+    meta = modules[0][1]
     tokens, fan_in = x.shape
-    plan = launch_plan(tokens, fan_in, [y.shape[1] for y, _, _, _ in targets], meta, split_k=split_k,
-                       block_n=block_n)
-    if plan.tiles == 0:
-        return
-    m, split = plan.modules, plan.split
-    padded = [*targets, *[targets[0]] * (MAX_GROUP - m)]  # unused pointer slots: never read
-    t1 = plan.out_tiles[0]
-    t2 = t1 + (plan.out_tiles[1] if m > 1 else 0)
+    plan = launch_plan(tokens, fan_in, fan_outs, meta, split_k=split_k, block_n=block_n)
     r_pad = padded_rank(a0.shape[1])
     ieee = x.dtype == torch.float32 or (_INTERPRETED and x.dtype == torch.bfloat16)
-    u = torch.empty((m, split, tokens, r_pad), dtype=torch.float32, device=x.device)
-    (y0, a0_, b0, m0), (y1, a1, b1, m1), (y2, a2, b2, m2) = padded
-    _shrink_multi_kernel[plan.shrink_grid](
-        x, a0_, a1, a2, u, meta.seg, meta.tiles, m0.rank, m1.rank, m2.rank, m0.scale, m1.scale, m2.scale,
-        meta.seg.stride(0), fan_in, x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2), u.stride(0),
-        u.stride(1), u.stride(2), K_PER_SPLIT=plan.k_per_split, SPLIT=split, BLOCK_M=meta.block_m, BLOCK_K=_MULTI_BLOCK_K,
-        R=r_pad, IEEE=ieee,
-    )
+    if plan.tiles == 0:
+        return Shrunk(None, x, plan, r_pad, ieee)
+    u = torch.empty((plan.modules, plan.split, tokens, r_pad), dtype=torch.float32, device=x.device)
+    padded = [*modules, *[modules[0]] * (MAX_GROUP - plan.modules)]  # unused pointer slots: never read
+    (a0_, m0), (a1, m1), (a2, m2) = padded
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        _shrink_multi_kernel[plan.shrink_grid](
+            x, a0_, a1, a2, u, meta.seg, meta.tiles, m0.rank, m1.rank, m2.rank, m0.scale, m1.scale, m2.scale,
+            meta.seg.stride(0), fan_in, x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2), u.stride(0),
+            u.stride(1), u.stride(2), K_PER_SPLIT=plan.k_per_split, SPLIT=plan.split, BLOCK_M=meta.block_m,
+            BLOCK_K=_MULTI_BLOCK_K, R=r_pad, IEEE=ieee,
+        )
+    return Shrunk(u, x, plan, r_pad, ieee)
+
+
+def lora_multi_expand(shrunk: Shrunk, targets: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, LoRAModuleMeta]]
+                      ) -> None:
+    """The second half of `lora_multi_triton`: targets (y, A, B, meta[module]) in the shrink's order."""
+    for y, a, b, _ in targets:
+        _check_shapes(shrunk.x, y, a, b)
+    plan, u = shrunk.plan, shrunk.u
+    if u is None:
+        return
+    m = plan.modules
+    meta = targets[0][3]
+    padded = [*targets, *[targets[0]] * (MAX_GROUP - m)]
+    t1 = plan.out_tiles[0]
+    t2 = t1 + (plan.out_tiles[1] if m > 1 else 0)
+    (y0, _, b0, m0), (y1, _, b1, m1), (y2, _, b2, m2) = padded
     _expand_multi_kernel[plan.expand_grid](
         u, b0, b1, b2, y0, y1, y2, meta.seg, meta.tiles, m0.rank, m1.rank, m2.rank, meta.seg.stride(0),
         y0.shape[1], y1.shape[1], y2.shape[1], t1, t2,
         u.stride(0), u.stride(1), u.stride(2), b0.stride(0), b0.stride(1), b0.stride(2), b1.stride(0), b1.stride(1),
         b1.stride(2), b2.stride(0), b2.stride(1), b2.stride(2), y0.stride(0), y1.stride(0), y2.stride(0),
-        SPLIT=split, BLOCK_M=meta.block_m, BLOCK_N=plan.block_n, R=r_pad, IEEE=ieee,
+        SPLIT=plan.split, BLOCK_M=meta.block_m, BLOCK_N=plan.block_n, R=shrunk.r_pad, IEEE=shrunk.ieee,
     )
 
 

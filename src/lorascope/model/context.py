@@ -16,3 +16,5 @@ class StepContext:
     attn: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (k, v), each [rows, kv_heads, head_dim]
     lora: LoRABatch | None = None
+    # CUDA: a second stream the LoRA shrink runs on while the base GEMM runs (model/layers.py `project`)
+    side_stream: torch.cuda.Stream | None = None

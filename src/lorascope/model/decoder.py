@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorascope.kernels.l2_prefetch import L2Prefetcher
 from lorascope.model.config import ModelConfig
 from lorascope.model.context import StepContext
 from lorascope.model.layers import DecoderLayer, RMSNorm, Rotary, pack_linears, unpack_linears
@@ -31,8 +30,6 @@ class Decoder(nn.Module):
         # fused GPU kernels (kernels/fused_triton.py) instead of torch's elementwise ops: the runner
         # turns this on for CUDA with triton (same arithmetic, a third of the launches)
         self.fused = False
-        # L2 prefetch of the next GEMM's weights on a side stream (kernels/l2_prefetch.py; fused path only)
-        self.l2_prefetch: L2Prefetcher | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         # The residual stream stays in float32: in bf16 its 2L roundings cost more accuracy than the
@@ -43,13 +40,8 @@ class Decoder(nn.Module):
             from lorascope.kernels.fused_triton import add_rmsnorm
 
             delta = None  # x (a fresh tensor from the embedding lookup) is updated in place
-            layers, pf = self.model.layers, self.l2_prefetch
-            for i, layer in enumerate(layers):
-                nxt = layers[i + 1].self_attn if pf is not None and i + 1 < len(layers) else None
-                next_qkv = None if nxt is None else nxt.packed.weight if nxt.packed is not None else nxt.q_proj.weight
-                delta = layer.forward_fused(x, delta, positions, ctx, pf, next_qkv)
-            if pf is not None:
-                pf.join()
+            for layer in self.model.layers:
+                delta = layer.forward_fused(x, delta, positions, ctx)
             return add_rmsnorm(x, delta, norm.weight, norm.eps)
         for layer in self.model.layers:
             x = layer(x, positions, ctx)

@@ -13,7 +13,6 @@ from torch import nn
 
 from lorascope.kernels import fused_triton
 from lorascope.kernels.attention import paged_attention
-from lorascope.kernels.l2_prefetch import L2Prefetcher
 from lorascope.kernels.lora import lora_grouped
 from lorascope.model.config import ModelConfig
 from lorascope.model.context import StepContext
@@ -86,6 +85,8 @@ class LoRALinear(nn.Module):
         self.store: LoRASlotStore | None = None
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        if ctx.side_stream is not None and ctx.lora is not None and ctx.lora.kernel_meta is not None:
+            return project(x, (self,), ctx)[0]
         y = F.linear(x, self.weight, self.bias)
         store = self.store
         if store is not None and ctx.lora is not None and self.key in store.a:
@@ -167,16 +168,12 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
     the outputs are column slices of its [T, sum(out)] result: row stride sum(out), columns contiguous,
     which every consumer takes (views, the fused kernels, lora_multi_triton pass row strides). With the
     Triton LoRA op (CUDA), the LoRA deltas go through one shrink and one expand launch for all of them
-    (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own, in place."""
-    if packed is not None:
-        if not packed.backs(lins):
-            raise RuntimeError("the packed projection no longer backs its linears' weights (replaced after "
-                               "Decoder.pack_projections()?); call pack_projections() again")
-        y = F.linear(x, packed.weight, packed.bias)  # [T, sum(out)]
-        ys = [y[:, a:b] for a, b in zip(packed.bounds, packed.bounds[1:])]
-    else:
-        ys = [F.linear(x, lin.weight, lin.bias) for lin in lins]
+    (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own, in place. With
+    `ctx.side_stream` the shrink runs beside the base GEMM (`_overlapped`)."""
     meta = ctx.lora.kernel_meta if ctx.lora is not None else None
+    if meta is not None and ctx.side_stream is not None and (ys := _overlapped(x, lins, packed, meta, ctx.side_stream)):
+        return ys
+    ys = _base(x, lins, packed)
     if meta is None:
         for lin, y in zip(lins, ys):
             lin.add_lora(x, y, ctx)
@@ -187,6 +184,36 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
                for lin, y in zip(lins, ys) if lin.store is not None and lin.key in lin.store.a]
     if targets:
         lora_multi_triton(x, targets)
+    return ys
+
+
+def _base(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None) -> list[torch.Tensor]:
+    if packed is None:
+        return [F.linear(x, lin.weight, lin.bias) for lin in lins]
+    if not packed.backs(lins):
+        raise RuntimeError("the packed projection no longer backs its linears' weights (replaced after "
+                           "Decoder.pack_projections()?); call pack_projections() again")
+    y = F.linear(x, packed.weight, packed.bias)  # [T, sum(out)]
+    return [y[:, a:b] for a, b in zip(packed.bounds, packed.bounds[1:])]
+
+
+def _overlapped(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None,
+                meta: dict, side: torch.cuda.Stream) -> list[torch.Tensor] | None:
+    """`project` with the LoRA shrink on `side` while the base GEMM runs on the current stream: the shrink
+    reads only x, and its few hundred short programs find SMs the skinny GEMM leaves idle. The expand
+    (it adds into the GEMM's output) runs after the join. None when no linear here has LoRA weights."""
+    from lorascope.kernels.lora_triton import lora_multi_expand, lora_multi_shrink
+
+    with_lora = [(i, lin) for i, lin in enumerate(lins) if lin.store is not None and lin.key in lin.store.a]
+    if not with_lora:
+        return None
+    main = torch.cuda.current_stream()
+    side.wait_stream(main)
+    shrunk = lora_multi_shrink(x, [(lin.store.a[lin.key], meta[lin.key[1]]) for _, lin in with_lora],
+                               [lin.weight.shape[0] for _, lin in with_lora], stream=side)
+    ys = _base(x, lins, packed)
+    main.wait_stream(side)
+    lora_multi_expand(shrunk, [(ys[i], lin.store.a[lin.key], lin.store.b[lin.key], meta[lin.key[1]]) for i, lin in with_lora])
     return ys
 
 
@@ -207,12 +234,9 @@ class Attention(nn.Module):
     def qkv(self) -> tuple[LoRALinear, LoRALinear, LoRALinear]:
         return self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False,
-                prefetch: L2Prefetcher | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
         t = x.shape[0]
         q, k, v = project(x, self.qkv, ctx, self.packed)  # packed: column slices, row stride q + 2 kv
-        if prefetch is not None:
-            prefetch("o", self.o_proj.weight)
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
@@ -239,11 +263,8 @@ class MLP(nn.Module):
     def gate_up(self) -> tuple[LoRALinear, LoRALinear]:
         return self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False,
-                prefetch: L2Prefetcher | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
         gate, up = project(x, self.gate_up, ctx, self.packed)  # packed: column slices, row stride 2 I
-        if prefetch is not None:
-            prefetch("down", self.down_proj.weight)
         return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
 
 
@@ -260,20 +281,13 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, ctx).float()
         return x + self.mlp(self.post_attention_layernorm(x), ctx).float()
 
-    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext,
-                      prefetch: L2Prefetcher | None = None, next_qkv: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext
+                      ) -> torch.Tensor:
         """The same layer with the GPU's fused kernels (kernels/fused_triton.py). `x` is the float32
         residual stream *before* the previous layer's MLP output `delta` is added (None for the first
         layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
-        layer's MLP output, which the next layer (or the final norm) adds. `prefetch` (kernels/l2_prefetch.py)
-        pulls the next GEMM's weights into L2 at four fork points; `next_qkv` is the next layer's q/k/v weight."""
+        layer's MLP output, which the next layer (or the final norm) adds."""
         h = fused_triton.add_rmsnorm(x, delta, self.input_layernorm.weight, self.input_layernorm.eps)
-        a = self.self_attn(h, positions, ctx, fused=True, prefetch=prefetch)
-        if prefetch is not None:
-            mlp = self.mlp
-            prefetch("gate_up", mlp.packed.weight if mlp.packed is not None else mlp.gate_proj.weight)
+        a = self.self_attn(h, positions, ctx, fused=True)
         h = fused_triton.add_rmsnorm(x, a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        out = self.mlp(h, ctx, fused=True, prefetch=prefetch)
-        if prefetch is not None:
-            prefetch("qkv", next_qkv)
-        return out
+        return self.mlp(h, ctx, fused=True)

@@ -1,13 +1,13 @@
-"""A/B of L2 weight prefetch (kernels/l2_prefetch.py) on the captured steps of a real batch, one CUDA GPU.
+"""A/B of a runner switch on the captured steps of a real batch, one CUDA GPU: the LoRA shrink beside the
+base GEMM on a second stream (`overlap`, the default) against after it on one stream (`serial`).
 
-    PYTHONPATH=src python3 benchmarks/gpu_l2_prefetch.py --out $OUT/l2_prefetch.json [--batch 32]
-        [--specs 'none|o=34|o=34,gate_up=16,down=16,qkv=16;mode=load']
+    PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
 llama-3.1-8b shape, bf16, rank-16 q/v adapters, `--batch` sequences of `--prompt` tokens, each on its own
-adapter. Per spec ('none': no prefetch), the graphs are captured afresh by a greedy `generate` of 64
-tokens; then every captured bucket's graph is replayed (it keeps the last real step's metadata, so
-attention and LoRA do real work): ms per replay. The decode bucket (`--batch` tokens) is the number
-that matters. Every spec's tokens must equal the first spec's (prefetch changes no arithmetic).
+adapter. Per variant, the graphs are captured afresh by a greedy `generate` of 64 tokens; then every
+captured bucket's graph is replayed (it keeps the last real step's metadata, so attention and LoRA do
+real work): ms per replay. The decode bucket (`--batch` tokens) is the number that matters. Every
+variant's tokens must equal the first one's (the switch changes no arithmetic).
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ import torch
 from gpu_profile_decode import _replay_ms
 from lorascope import LLM, SamplingParams
 from lorascope.adapters.synthetic import make_adapters
-from lorascope.kernels.l2_prefetch import L2Prefetcher, parse_spec
 
-DEFAULT_SPECS = "|".join([
-    "none", "o=34", "o=34;mode=load", "o=34;mode=prefetch_normal", "o=34;programs=16", "o=34;programs=66",
-    "o=20", "gate_up=24", "qkv=24", "down=24", "o=34,gate_up=16,down=16,qkv=16", "o=34,gate_up=24,down=24,qkv=24",
-    "o=34,gate_up=8,down=8,qkv=8", "none",
-])
+DEFAULT_VARIANTS = "overlap,serial,overlap,serial"
 
 
 def main() -> None:
@@ -36,7 +31,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt", type=int, default=176)
-    ap.add_argument("--specs", default=DEFAULT_SPECS)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--replays", type=int, default=50)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp()) / "a"
@@ -50,15 +45,18 @@ def main() -> None:
     prompts = [torch.randint(0, 128000, (args.prompt,), generator=gen).tolist() for _ in range(args.batch)]
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     rows, first_tokens = [], None
-    for spec in args.specs.split("|"):
-        runner.model.l2_prefetch = None if spec == "none" else L2Prefetcher(parse_spec(spec), torch.device("cuda"))
+    side = torch.cuda.Stream()
+    for variant in args.variants.split(","):
+        if variant not in ("overlap", "serial"):
+            raise SystemExit(f"unknown variant {variant!r}: overlap or serial")
+        runner.side_stream = side if variant == "overlap" else None
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
         outs = llm.generate(prompts, params, names)
         tokens = [o.token_ids for o in outs]
         first_tokens = first_tokens or tokens
         replay = {b: _replay_ms(g.graph, args.replays) for b, g in sorted(runner.graphs.items())}
-        row = {"spec": spec, "decode_ms": replay.get(args.batch), "replay_ms": replay, "same_tokens": tokens == first_tokens}
+        row = {"variant": variant, "decode_ms": replay.get(args.batch), "replay_ms": replay, "same_tokens": tokens == first_tokens}
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
