@@ -171,7 +171,8 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
     (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own, in place. With
     `ctx.side_stream` the shrink runs beside the base GEMM (`_overlapped`)."""
     meta = ctx.lora.kernel_meta if ctx.lora is not None else None
-    if meta is not None and ctx.side_stream is not None and (ys := _overlapped(x, lins, packed, meta, ctx.side_stream)):
+    if (meta is not None and ctx.side_stream is not None and x.shape[0] <= OVERLAP_MAX_TOKENS
+            and (ys := _overlapped(x, lins, packed, meta, ctx.side_stream))):
         return ys
     ys = _base(x, lins, packed)
     if meta is None:
@@ -185,6 +186,13 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
     if targets:
         lora_multi_triton(x, targets)
     return ys
+
+
+# Steps of at most this many tokens run the LoRA shrink beside the base GEMM (`_overlapped`). Measured on an
+# H200, 8B shape, rank-16 q/v adapters (benchmarks/gpu_step_ab.py): a captured step of 1-4 tokens takes
+# 4.44-4.57 ms overlapped against 4.60-4.79 serial, 8 tokens 4.84 against 4.95; from 16 tokens the GEMM
+# fills the SMs and the overlap gains nothing (32 tokens: 5.00 against 4.96 ms).
+OVERLAP_MAX_TOKENS = 8
 
 
 def _base(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None) -> list[torch.Tensor]:
