@@ -609,11 +609,18 @@ class Seed:
             self.write()
             return
         log(f"HF + PEFT baseline: {p.hf_adapters} adapters, batch {p.hf_batch}, {p.output_len} new tokens")
+        # the engine sets torch's BLAS library to cuBLASLt process-wide (engine/runner.py); the baseline
+        # runs with torch's own default, as HF + PEFT would in a process of its own
+        before = torch.backends.cuda.preferred_blas_library()
+        torch.backends.cuda.preferred_blas_library("default")
         try:
             self.report["hf"] = hf_baseline(self.loaded(), p, self.tmp)
+            self.report["hf"]["blas"] = str(torch.backends.cuda.preferred_blas_library())
         except Exception as e:
             traceback.print_exc()
             self.report["hf"] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        finally:
+            torch.backends.cuda.preferred_blas_library(before)
         _free(p.device)
         self.write()
 
