@@ -141,3 +141,12 @@ def test_gpu_trace_needs_a_cuda_engine() -> None:
     llm.engine.trace_gpu(False)  # turning it off is always fine
     assert llm.engine.gpu_step_times() == []
     llm.close()
+
+
+def test_blas_choice_defaults_to_cublaslt_and_names_a_bad_value() -> None:
+    from lorascope.engine.runner import blas_choice
+
+    assert blas_choice(None) == "cublaslt"
+    assert blas_choice("default") == "default"
+    with pytest.raises(ValueError, match=r"LORASCOPE_BLAS='cublas-lt' is not a BLAS choice; use one of cublaslt, cublas"):
+        blas_choice("cublas-lt")

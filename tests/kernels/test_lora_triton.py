@@ -29,6 +29,8 @@ from lorascope.kernels.lora_triton import (
     grid_tiles,
     launch_plan,
     lora_grouped_triton,
+    lora_multi_expand,
+    lora_multi_shrink,
     lora_multi_triton,
     padded_rank,
 )
@@ -157,6 +159,34 @@ def test_kernel_multi_module_matches_reference(dtype: torch.dtype, fan_in: int, 
     for y, c in zip(ys, cases):
         _, y0, a, b, rk, sc, _ = c
         check(x, y0, a, b, rk, sc, segments, y, dtype)
+
+
+@pytest.mark.gpu
+@kernel_test
+def test_kernel_shrink_and_expand_halves_equal_the_pair() -> None:
+    """`lora_multi_shrink` then `lora_multi_expand` (what a step does when the shrink runs on a second
+    stream beside the base GEMM; on CUDA here it does) give exactly `lora_multi_triton`'s result, and
+    the shrink refuses an x that does not fit A."""
+    fan_in, fan_outs = 96, (40, 24)
+    cases = [make_case(torch.Generator().manual_seed(7 + i), torch.bfloat16, 8, 5, fan_in, n, lengths=(1, 1, 4, 1),
+                       rank_cycle=(16, 8, 0)) for i, n in enumerate(fan_outs)]
+    segments, x = cases[0][6], cases[0][0]
+    meta = LoRAMeta.build(segments, {f"m{i}": c[4] for i, c in enumerate(cases)},
+                          {f"m{i}": c[5] for i, c in enumerate(cases)}, x.device)
+    pair = [c[1].clone() for c in cases]
+    lora_multi_triton(x, [(y, c[2], c[3], meta[f"m{i}"]) for i, (y, c) in enumerate(zip(pair, cases))])
+    halves = [c[1].clone() for c in cases]
+    stream = torch.cuda.Stream() if HAS_CUDA else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+    shrunk = lora_multi_shrink(x, [(c[2], meta[f"m{i}"]) for i, c in enumerate(cases)], list(fan_outs), stream=stream)
+    if stream is not None:
+        torch.cuda.current_stream().wait_stream(stream)
+    lora_multi_expand(shrunk, [(y, c[2], c[3], meta[f"m{i}"]) for i, (y, c) in enumerate(zip(halves, cases))])
+    for got, want in zip(halves, pair):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="does not match A"):
+        lora_multi_shrink(x[:, :-8], [(cases[0][2], meta["m0"])], [fan_outs[0]])
 
 
 @pytest.mark.gpu

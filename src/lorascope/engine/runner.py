@@ -66,7 +66,7 @@ class ModelRunner:
         # cuBLASLt's heuristics pick faster kernels for the skinny decode GEMMs (8B shape, M = 32: 3.78 against
         # 3.95 ms a step; benchmarks/RESULTS.md). Process-wide (torch has one setting); LORASCOPE_BLAS=default
         # leaves torch's choice, =cublas forces cuBLAS (A/B benchmarks).
-        if self.use_triton and (blas := os.environ.get("LORASCOPE_BLAS", "cublaslt")) != "default":
+        if self.use_triton and (blas := blas_choice(os.environ.get("LORASCOPE_BLAS"))) != "default":
             torch.backends.cuda.preferred_blas_library(blas)
         # the LoRA shrink beside the base GEMM on a second stream (model/layers.py `_overlapped`);
         # LORASCOPE_LORA_OVERLAP=0 runs it after the GEMM on one stream (A/B benchmarks)
@@ -347,6 +347,19 @@ class SampledTokens:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+
+BLAS_CHOICES = ("cublaslt", "cublas", "default")
+
+
+def blas_choice(env: str | None) -> str:
+    """LORASCOPE_BLAS (None: cuBLASLt, the engine's choice) checked against what torch accepts."""
+    if env is None:
+        return "cublaslt"
+    if env not in BLAS_CHOICES:
+        raise ValueError(f"LORASCOPE_BLAS={env!r} is not a BLAS choice; use one of {', '.join(BLAS_CHOICES)} "
+                         "(or unset it for cuBLASLt)")
+    return env
 
 
 def _triton_available() -> bool:
