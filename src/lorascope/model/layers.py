@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,9 @@ from lorascope.kernels.lora import lora_grouped
 from lorascope.model.config import ModelConfig
 from lorascope.model.context import StepContext
 from lorascope.model.lora import LoRASlotStore
+
+if TYPE_CHECKING:
+    from lorascope.kernels.lora_triton import LoRAMeta
 
 
 class RMSNorm(nn.Module):
@@ -206,7 +210,7 @@ def _base(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjectio
 
 
 def _overlapped(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None,
-                meta: dict, side: torch.cuda.Stream) -> list[torch.Tensor] | None:
+                meta: LoRAMeta, side: torch.cuda.Stream) -> list[torch.Tensor] | None:
     """`project` with the LoRA shrink on `side` while the base GEMM runs on the current stream: the shrink
     reads only x, and its few hundred short programs find SMs the skinny GEMM leaves idle. The expand
     (it adds into the GEMM's output) runs after the join. None when no linear here has LoRA weights."""
