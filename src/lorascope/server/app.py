@@ -130,12 +130,12 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         return _model_list(state).model_dump()
 
     @app.post("/v1/completions")
-    async def completions(req: p.CompletionRequest, http: Request) -> Any:
-        return await generate.completions(state, req, http)
+    async def completions(req: p.CompletionRequest) -> Any:
+        return await generate.completions(state, req)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: p.ChatCompletionRequest, http: Request) -> Any:
-        return await generate.chat_completions(state, req, http)
+    async def chat_completions(req: p.ChatCompletionRequest) -> Any:
+        return await generate.chat_completions(state, req)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(req: p.LoadLoRARequest) -> Response:
