@@ -74,6 +74,7 @@ import argparse
 import asyncio
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -954,6 +955,8 @@ def environment(p: Plan, argv: list[str]) -> dict[str, Any]:
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        # the engine's A/B switches (LORASCOPE_BLAS, LORASCOPE_LORA_OVERLAP, ...) this run was started with
+        "lorascope_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("LORASCOPE_")},
     }
 
 
