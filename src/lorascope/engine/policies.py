@@ -11,11 +11,7 @@ keeps its slot until its last running request finishes.
 whole life. Any number of adapters may have running requests; each step only those in the
 `max_loras` slots run, and the running requests of the others are *parked* (they keep their seat
 and KV blocks and are not scheduled). Before anything is scheduled (`plan`):
-0. A slot lent for a request's first step (rule 2) goes back to its adapter once that step ran, and
-   not before the request it was lent for has started: when a step's token budget ran out before it,
-   the loan stays. (Returning it then lent the slot again later, two loads each time: on sweep C's
-   shape at max_loras 8, scheduler alone, device loads fell from ~2,900 to ~330 and tokens per step rose
-   from 17.6 to 20.8, vllm's figure; benchmarks/RESULTS.md.)
+0. A slot lent for a request's first step (rule 2) goes back to its adapter once that step ran.
 1. Free slots, and slots of adapters with no request left, go to the adapters of the oldest
    requests (first come first served, as vLLM does: an adapter keeps its slot while it has
    requests, so its group grows while it waits). Measured (tiny model, Zipf 1.5 over 500, c=32),
@@ -43,8 +39,7 @@ Stated bounds (tests/engine/test_policies.py), with L the steps a load takes and
 overdue no later than the request's own (at most the distinct adapters in flight); a later arrival
 is never overdue before it, so neither bound depends on what arrives later:
 - a waiting request with a seat starts within W + ceil(k / max_loras) x (2L + 2) + L steps of its
-  arrival (a loan occupies a slot for L + 1 steps and its return for L + 1 more; a loan whose step ran
-  out of token budget before its request stays one step more per such step), and has its first
+  arrival (a loan occupies a slot for L + 1 steps and its return for L + 1 more), and has its first
   token C - 1 steps after it starts when its prompt runs in C chunks;
 - a running request is never parked longer than P + ceil(k / max_loras) x (Q + L) + 2L + 2 steps
   in a row (each slot turns over once per Q + L steps while parked adapters are overdue, plus one
@@ -144,11 +139,8 @@ class FairPolicy:
             return a not in resident and not cache.is_loading(a) and a not in cache.failed
 
         for borrower, (lender, held) in list(self._lent.items()):  # 0. a slot lent for a first step goes back
-            if (cache.is_loading(borrower) or self._ready_since.get(borrower) == step or borrower in self._keep
-                    or borrower in first):
-                continue  # its step is still to come, or a prompt it started is not through yet, or the
-                # request it was lent for has not started (no budget left for it that step): returning
-                # the slot then would only lend it again later, two loads each time
+            if cache.is_loading(borrower) or self._ready_since.get(borrower) == step or borrower in self._keep:
+                continue  # its step is still to come, or a prompt it started is not through yet
             del self._lent[borrower]
             back = borrower in resident and wanted(lender) and size[lender] > 0
             if back and self._take_slot(cache, lender, resident, size, force=borrower) is not None:
