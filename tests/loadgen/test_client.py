@@ -39,8 +39,10 @@ def test_measured_latencies_match_the_injected_ones(tokens_per_chunk: int, trans
         records, overhead = asyncio.run(run_cell(Target(url), requests(24, 17), "c", 0, concurrency=4))
     s = summarize(records_frame(records))
     assert s["ok"] == 24 and s["errors"] == 0
-    measured = s["ttft_ms_p50"] - transport_ms
-    assert abs(measured - TTFT_S * 1e3) < 2.0, f"TTFT p50 {s['ttft_ms_p50']:.2f} ms - transport {transport_ms:.2f} ms"
+    # the injected TTFT is a floor; above it, at most the transport time measured beside it (+2 ms). A
+    # difference against that transport estimate (±2 ms) failed on a loaded machine (47.7 for 50 ms)
+    assert TTFT_S * 1e3 - 1.0 <= s["ttft_ms_p50"] <= TTFT_S * 1e3 + transport_ms + 2.0, \
+        f"TTFT p50 {s['ttft_ms_p50']:.2f} ms, transport {transport_ms:.2f} ms"
     assert abs(s["tpot_ms_p50"] - ITL_S * 1e3) < 2.0, s["tpot_ms_p50"]
     assert abs(s["itl_ms_p50"] - ITL_S * 1e3) < 2.0, s["itl_ms_p50"]
     assert s["output_tokens"] == 24 * 17 and s["token_count_mismatches"] == 0
