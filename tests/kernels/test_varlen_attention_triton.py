@@ -184,6 +184,29 @@ def test_kernel_split_k_partitions(partition: int, block_n: int, dtype: torch.dt
 
 @pytest.mark.gpu
 @kernel_test
+@pytest.mark.parametrize("partition", [None, 16])
+def test_kernel_sequence_search_and_table_prefetch_change_nothing(partition: int | None) -> None:
+    """How a program finds its sequence (one vector load and a count, or a binary search) and whether a
+    K/V tile's block ids are loaded one tile ahead change no arithmetic: the four variants agree bit for
+    bit and with the reference, with padding sequences in the middle and at the end, a window, block_size 3
+    (a tile's ids span several blocks, the prefetch crosses block boundaries) and split-K."""
+    gen = torch.Generator().manual_seed(11)
+    case = Case(gen, torch.float32, MIXED, 8, 2, 32, 3)
+    outs = []
+    for search in ("vector", "binary"):
+        for prefetch in (True, False):
+            got = paged_varlen_attention(*case.args(), 0.2, 3, 9, block_n=16, partition_size=partition,
+                                         seq_search=search, prefetch_table=prefetch)
+            check(got, case, 0.2, 9, torch.float32)
+            outs.append(got)
+    for other in outs[1:]:
+        assert torch.equal(other, outs[0])
+    with pytest.raises(ValueError, match="seq_search"):
+        paged_varlen_attention(*case.args(), 0.2, 3, seq_search="linear")
+
+
+@pytest.mark.gpu
+@kernel_test
 def test_kernel_auto_split_for_few_programs_and_wide_table() -> None:
     """A few sequences with a table wider than 128 positions: "auto" splits (default_partition) and still
     matches the reference and the single pass."""

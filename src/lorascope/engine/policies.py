@@ -11,7 +11,13 @@ keeps its slot until its last running request finishes.
 whole life. Any number of adapters may have running requests; each step only those in the
 `max_loras` slots run, and the running requests of the others are *parked* (they keep their seat
 and KV blocks and are not scheduled). Before anything is scheduled (`plan`):
-0. A slot lent for a request's first step (rule 2) goes back to its adapter once that step ran.
+0. A slot lent for a request's first step (rule 2) goes back to its adapter once that step ran,
+   unless the request it was lent for had a seat and KV blocks but no token budget left in it: then
+   the loan stays a step more. (Returning it then lent the slot again later, two loads each time:
+   scheduler alone on sweep C's shape, device loads per request fell from ~3-9 to ~1-2 and tokens
+   per step at max_loras 8 rose from 0.79-0.86 of vllm's to 0.98-1.00; benchmarks/RESULTS.md.) A
+   request waiting for a seat or blocks does not keep a loan: the lender's running requests may be
+   the ones that must finish to free them.
 1. Free slots, and slots of adapters with no request left, go to the adapters of the oldest
    requests (first come first served, as vLLM does: an adapter keeps its slot while it has
    requests, so its group grows while it waits). Measured (tiny model, Zipf 1.5 over 500, c=32),
@@ -30,7 +36,8 @@ before that: a started prompt runs to its first token in consecutive steps. (Mea
 before this: with a 256-token budget, requests parked between two chunks of their prompt for up to
 P steps, and sweep C's p99 TTFT was 1.5 s.)
 Swaps reload from the host tier, which keeps every running request's adapter (adapters/cache.py).
-Admission (`admit`): waiting requests in arrival order whose adapter is ready; an overdue one whose
+Admission (`admit`): overdue waiting requests whose adapter is ready (a loan's) first, then waiting
+requests in arrival order whose adapter is ready; an overdue one whose
 adapter is not ready holds a seat and its KV blocks; when an overdue one finds no seat or blocks,
 admissions pause until running requests free them. Adapters of the next `prefetch_lookahead`
 queued requests are prefetched into the host tier.
@@ -39,7 +46,8 @@ Stated bounds (tests/engine/test_policies.py), with L the steps a load takes and
 overdue no later than the request's own (at most the distinct adapters in flight); a later arrival
 is never overdue before it, so neither bound depends on what arrives later:
 - a waiting request with a seat starts within W + ceil(k / max_loras) x (2L + 2) + L steps of its
-  arrival (a loan occupies a slot for L + 1 steps and its return for L + 1 more), and has its first
+  arrival (a loan occupies a slot for L + 1 steps and its return for L + 1 more, plus one step per
+  step whose budget the running requests' prompts took whole), and has its first
   token C - 1 steps after it starts when its prompt runs in C chunks;
 - a running request is never parked longer than P + ceil(k / max_loras) x (Q + L) + 2L + 2 steps
   in a row (each slot turns over once per Q + L steps while parked adapters are overdue, plus one
@@ -109,6 +117,7 @@ class FairPolicy:
         self._lent: dict[str, tuple[str, int]] = {}  # adapter on a first-step loan -> (lender, lender's held_since)
         self._returning: dict[str, int] = {}  # lender reloading after a loan -> its held_since
         self._keep: set[str] = set()  # this step: adapters whose slot no rule may take (a prompt in progress)
+        self._short: set[str] = set()  # last step: adapters of ready overdue requests that had a seat and blocks, not budget
 
     def plan(self, s: Scheduler) -> None:
         cache = s.cache
@@ -139,8 +148,10 @@ class FairPolicy:
             return a not in resident and not cache.is_loading(a) and a not in cache.failed
 
         for borrower, (lender, held) in list(self._lent.items()):  # 0. a slot lent for a first step goes back
-            if cache.is_loading(borrower) or self._ready_since.get(borrower) == step or borrower in self._keep:
-                continue  # its step is still to come, or a prompt it started is not through yet
+            if (cache.is_loading(borrower) or self._ready_since.get(borrower) == step or borrower in self._keep
+                    or (borrower in first and borrower in self._short)):
+                continue  # its step is still to come, or a prompt it started is not through yet, or the
+                # request it was lent for had a seat and blocks but no token budget left that step
             del self._lent[borrower]
             back = borrower in resident and wanted(lender) and size[lender] > 0
             if back and self._take_slot(cache, lender, resident, size, force=borrower) is not None:
@@ -180,10 +191,22 @@ class FairPolicy:
 
     def admit(self, s: Scheduler, out: SchedulerOutput, budget: int) -> None:
         seats, blocks = 0, 0  # held for overdue requests whose adapter is loading
-        for req in list(s.waiting):
+        self._short = set()
+
+        def due(req: Request) -> bool:
+            return s.step - req.arrival_step >= self.max_wait_steps
+
+        # overdue requests whose adapter is ready (a loan's borrower) go first: a step's budget spent
+        # on later arrivals would leave the loan's request unstarted and the loan for nothing
+        order = sorted(s.waiting, key=lambda r: not (due(r) and s.adapter_ready(r)))
+        for req in order:
+            overdue = due(req)
             if budget <= 0:
+                if overdue and req.adapter is not None and s.adapter_ready(req) and len(s.running) + seats < s.cfg.max_num_seqs \
+                        and s.blocks.blocks_needed(req, req.num_computed + 1) + blocks <= s.blocks.num_free:
+                    self._short.add(req.adapter)
+                    continue
                 break
-            overdue = s.step - req.arrival_step >= self.max_wait_steps
             need = s.blocks.blocks_needed(req, req.num_computed + s.first_chunk(req, budget))
             if len(s.running) + seats >= s.cfg.max_num_seqs or need + blocks > s.blocks.num_free:
                 if overdue:

@@ -27,11 +27,13 @@ masked). Each K/V row is thus read once per (tile, kv head) instead of once per 
 less K/V traffic than looping over heads, and a bigger dot. Sequence s's tiles are the program ids
 [q_start[s] // BLOCK_M + s, + cdiv(q_len[s], BLOCK_M)): these ranges never overlap and fit below
 T // BLOCK_M + S (the layout contract), so the grid depends on shapes only; a program finds its sequence
-by a binary search over q_start on the device (log2 S loads), and a program past its sequence's q_len
-(or before the first sequence) exits at once. The program walks the positions [lo(first token), last
-token] in tiles of BLOCK_N (causal: nothing above the tile's last position is visited; with a window,
-nothing below its first token's window), gathers the tile's block ids from the block table (masked: only
-positions < seq_len are ever looked up, so padding table entries, whatever their value, are never used as
+by counting the sequences whose first tile is at or below its own (one vector load of q_start, S
+padded to a power of two; `seq_search="binary"`, a binary search, takes log2 S dependent loads), and a
+program past its sequence's q_len (or before the first sequence) exits at once. The program walks the
+positions [lo(first token), last token] in tiles of BLOCK_N (causal: nothing above the tile's last
+position is visited; with a window, nothing below its first token's window), gathers the tile's block
+ids from the block table (loaded one tile ahead, so that load is in flight beside the current tile's
+K/V instead of before it; masked: only positions < seq_len are ever looked up, so padding table entries, whatever their value, are never used as
 addresses), loads K and V [BLOCK_N, D], S = (q * scale * log2 e) @ K^T in float32 with the per-row mask
 lo(p_row) <= j <= p_row, an online softmax in base 2 (rows that have seen no valid position yet keep
 m = -inf without producing NaN), acc += P @ V with P rounded to the cache dtype (flash attention). Rows
@@ -76,6 +78,9 @@ from lorascope.kernels._triton import next_pow2 as _next_pow2
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PARTIAL_BYTES = 64 << 20  # split-K partials (float32 m, l, acc) stay under this
+# How a program finds its sequence and whether it loads a K/V tile's block ids one tile ahead (the
+# module docstring); a dict so benchmarks can A/B them on captured steps (benchmarks/gpu_step_ab.py).
+TUNING: dict[str, str | bool] = {"seq_search": "vector", "prefetch_table": True}
 
 
 def default_block_n(head_dim: int) -> int:
@@ -249,6 +254,8 @@ def paged_varlen_attention(
     partition_size: int | str | None = "auto",
     num_warps: int | None = None,
     num_stages: int | None = None,
+    seq_search: str | None = None,
+    prefetch_table: bool | None = None,
 ) -> torch.Tensor:
     """Attention of a step's new tokens (any mix of prefill chunks and decode tokens); returns out [T, H, D].
 
@@ -258,8 +265,9 @@ def paged_varlen_attention(
     zero-filled tensor). block_m (tokens per program, a power of two), block_n (positions per tile, a power
     of two >= 16), partition_size ("auto", None: single pass, or a multiple of block_n: split-K),
     num_warps and num_stages (Triton's software pipelining depth; None: Triton's default) override the
-    shape-derived defaults (benchmarks, tuning). No host sync, and the launch
-    depends only on shapes: capturable in a CUDA graph.
+    shape-derived defaults (benchmarks, tuning); seq_search ("vector" or "binary": how a program finds
+    its sequence) and prefetch_table (block ids loaded one K/V tile ahead) override `TUNING`. No host sync,
+    and the launch depends only on shapes: capturable in a CUDA graph.
     """
     if not HAS_TRITON:
         raise RuntimeError("paged_varlen_attention needs triton (pip install -e '.[gpu]')")
@@ -284,6 +292,10 @@ def paged_varlen_attention(
     block_m = max(block_m, 16 // group_pad)  # tl.dot needs >= 16 rows
     if tokens == 0 or capacity == 0:
         return out
+    seq_search = TUNING["seq_search"] if seq_search is None else seq_search
+    prefetch_table = TUNING["prefetch_table"] if prefetch_table is None else prefetch_table
+    if seq_search not in ("vector", "binary"):
+        raise ValueError(f"seq_search must be 'vector' or 'binary', got {seq_search!r}")
     tiles = num_tiles(tokens, capacity, block_m)
     max_context = block_tables.shape[1] * block_size
     if partition_size == "auto":
@@ -315,6 +327,7 @@ def paged_varlen_attention(
         "HEAD_DIM": head_dim,
         "BLOCK_SIZE": block_size,
         "HAS_WINDOW": window > 0,
+        "SEQ_PAD": _next_pow2(capacity) if seq_search == "vector" else 0,
     }
     rows = block_m * group_pad
     launch = {"num_warps": default_num_warps(head_dim, block_n, rows) if num_warps is None else num_warps}
@@ -348,6 +361,7 @@ def paged_varlen_attention(
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
         UPCAST=upcast,
+        PREFETCH_TABLE=prefetch_table,
         **consts,
         **launch,
     )
@@ -470,21 +484,28 @@ if HAS_TRITON:
         BLOCK_M: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
+        SEQ_PAD: tl.constexpr,
     ):
         """(sequence, q0, ql, ctx0, i0, first, last, has_tile) of program `tile`: the tile's tokens are
         i0 .. min(i0 + BLOCK_M, ql) - 1 of sequence s (flat q0 + i), at positions ctx0 + i; the positions
         it reads are [first, last)."""
         # the largest s with q_start[s] // BLOCK_M + s <= tile (strictly increasing in s: the contract)
-        left: tl.int32 = 0
-        right: tl.int32 = num_seqs
-        while left < right:
-            mid = (left + right) // 2
-            val = tl.minimum(tl.maximum(tl.load(qs_ptr + mid * s_qs), 0), num_tokens)
-            if val // BLOCK_M + mid <= tile:
-                left = mid + 1
-            else:
-                right = mid
-        s = left - 1
+        if SEQ_PAD > 0:  # one vector load of q_start, then a count: one memory latency
+            idx = tl.arange(0, SEQ_PAD)
+            in_seq = idx < num_seqs
+            vals = tl.minimum(tl.maximum(tl.load(qs_ptr + idx * s_qs, mask=in_seq, other=0), 0), num_tokens)
+            s = tl.sum((in_seq & (vals // BLOCK_M + idx <= tile)).to(tl.int32), axis=0) - 1
+        else:  # a binary search: log2 S dependent loads
+            left: tl.int32 = 0
+            right: tl.int32 = num_seqs
+            while left < right:
+                mid = (left + right) // 2
+                val = tl.minimum(tl.maximum(tl.load(qs_ptr + mid * s_qs), 0), num_tokens)
+                if val // BLOCK_M + mid <= tile:
+                    left = mid + 1
+                else:
+                    right = mid
+            s = left - 1
         s_safe = tl.maximum(s, 0)
         q0 = tl.minimum(tl.maximum(tl.load(qs_ptr + s_safe * s_qs), 0), num_tokens)
         ql = tl.minimum(tl.maximum(tl.load(ql_ptr + s_safe * s_ql), 0), num_tokens - q0)
@@ -547,13 +568,15 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
         UPCAST: tl.constexpr,
+        SEQ_PAD: tl.constexpr,
+        PREFETCH_TABLE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
         s, q0, ql, ctx0, i0, first, last, has_tile = _tile_of(
             tile, qs_ptr, ql_ptr, len_ptr, window, num_tokens, num_seqs, max_blocks, s_qs, s_ql, s_len,
-            BLOCK_M, BLOCK_SIZE, HAS_WINDOW,
+            BLOCK_M, BLOCK_SIZE, HAS_WINDOW, SEQ_PAD,
         )  # fmt: skip
         p_end = last
         t_first = first // BLOCK_N * BLOCK_N
@@ -589,13 +612,22 @@ if HAS_TRITON:
             bt_row = bt_ptr + s.to(tl.int64) * sbt_s
             k_base = k_ptr + kvh * sk_h + offs_d[None, :] * sk_d
             v_base = v_ptr + kvh * sv_h + offs_d[None, :] * sv_d
+            if PREFETCH_TABLE:
+                j = t_first + tl.arange(0, BLOCK_N)
+                blk_next = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=(j >= first) & (j < p_end), other=0)
             for t in range(t_first, p_end, BLOCK_N):  # bounds live on the device: no host sync
                 j = t + tl.arange(0, BLOCK_N)
                 j_ok = (j >= first) & (j < p_end)  # < seq_len: the table is read at used entries only
-                blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
+                if PREFETCH_TABLE:  # this tile's block ids were loaded one tile ahead
+                    blk = blk_next.to(tl.int64)
+                else:
+                    blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
                 rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
                 k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
                 v = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
+                if PREFETCH_TABLE:  # the next tile's block ids, in flight beside this tile's K/V
+                    jn = j + BLOCK_N
+                    blk_next = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=(jn >= first) & (jn < p_end), other=0)
                 if UPCAST:
                     sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
                 else:
@@ -658,12 +690,13 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         HAS_WINDOW: tl.constexpr,
+        SEQ_PAD: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
         _s, q0, ql, _ctx0, i0, first, last, has_tile = _tile_of(
             tile, qs_ptr, ql_ptr, len_ptr, window, num_tokens, num_seqs, max_blocks, s_qs, s_ql, s_len,
-            BLOCK_M, BLOCK_SIZE, HAS_WINDOW,
+            BLOCK_M, BLOCK_SIZE, HAS_WINDOW, SEQ_PAD,
         )  # fmt: skip
         ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
         if has_tile:
