@@ -1,5 +1,9 @@
-"""A/B of a runner switch on the captured steps of a real batch, one CUDA GPU: the LoRA shrink beside the
-base GEMM on a second stream (`overlap`, the default) against after it on one stream (`serial`).
+"""A/B of a runner or kernel switch on the captured steps of a real batch, one CUDA GPU: the LoRA shrink
+beside the base GEMM on a second stream (`overlap`, the default) against after it on one stream
+(`serial`); or the varlen attention's sequence search and block-table prefetch
+(kernels/varlen_attention_triton.py `TUNING`), with the shrink overlapped: `attn-binary` (binary search,
+no prefetch: the kernel before 2026-12-06), `attn-vector` (vector search only), `attn-prefetch`
+(prefetch only), `attn-both` (the default).
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
@@ -19,11 +23,18 @@ from pathlib import Path
 
 import torch
 
+import lorascope.kernels.varlen_attention_triton as varlen
 from gpu_profile_decode import _replay_ms
 from lorascope import LLM, SamplingParams
 from lorascope.adapters.synthetic import make_adapters
 
 DEFAULT_VARIANTS = "overlap,serial,overlap,serial"
+ATTN = {
+    "attn-binary": {"seq_search": "binary", "prefetch_table": False},
+    "attn-vector": {"seq_search": "vector", "prefetch_table": False},
+    "attn-prefetch": {"seq_search": "binary", "prefetch_table": True},
+    "attn-both": {"seq_search": "vector", "prefetch_table": True},
+}
 
 
 def main() -> None:
@@ -47,9 +58,10 @@ def main() -> None:
     rows, first_tokens = [], None
     side = torch.cuda.Stream()
     for variant in args.variants.split(","):
-        if variant not in ("overlap", "serial"):
-            raise SystemExit(f"unknown variant {variant!r}: overlap or serial")
-        runner.side_stream = side if variant == "overlap" else None
+        if variant not in ("overlap", "serial", *ATTN):
+            raise SystemExit(f"unknown variant {variant!r}: overlap, serial or one of {', '.join(ATTN)}")
+        runner.side_stream = None if variant == "serial" else side
+        varlen.TUNING.update(ATTN.get(variant, ATTN["attn-both"]))
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
         outs = llm.generate(prompts, params, names)

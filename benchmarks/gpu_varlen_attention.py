@@ -18,7 +18,9 @@ Per cell:
    - `current_decode_graph`: for pure-decode cells, the decode kernel alone in a CUDA graph (what the
      engine replays today); `meta_build_ms`: AttentionMetadata.build on the host, which the current path
      needs every step.
-3. Sweep (graph replay only, eager too with --sweep-eager; cells of --sweep-cells), to check the shape
+3. The kernel's `TUNING` variants (seq_search binary/vector x prefetch_table off/on), graph replay, twice
+   interleaved; each must give the default's output bit for bit.
+4. Sweep (graph replay only, eager too with --sweep-eager; cells of --sweep-cells), to check the shape
    heuristics (`default_block_m`, `default_num_warps`) and Triton's pipelining depth: pure-decode cells:
    block_m 4 tokens per program (16 rows) x num_warps 4/8 x block_n 64/128 x num_stages 2/3/4, single
    pass (split-K was slower at these shapes: RESULTS.md 2026-11-29); cells with prefill chunks:
@@ -228,6 +230,22 @@ def main(argv: list[str] | None = None) -> int:
                 dgraph = graph_of(current)
                 row["current_decode_graph_ms"] = bench(dgraph.replay)
                 del dgraph
+        # the kernel's TUNING variants (sequence search x block-table prefetch), graph replay, interleaved twice
+        for _ in range(2 if graphs else 1):  # without graphs: the equality check only
+            for search in ("binary", "vector"):
+                for prefetch in (False, True):
+
+                    def tuned(search=search, prefetch=prefetch, vargs=vargs, out=out) -> torch.Tensor:
+                        return kvar.paged_varlen_attention(*vargs, out=out, seq_search=search, prefetch_table=prefetch)
+
+                    res = tuned().clone()
+                    if not torch.equal(res, got):
+                        failures.append(f"{cell.name} seq_search={search} prefetch={prefetch}: differs from default")
+                    if graphs:
+                        graph = graph_of(tuned)
+                        key = f"tuning_{search}_{'prefetch' if prefetch else 'noprefetch'}_graph_ms"
+                        row.setdefault(key, []).append(bench(graph.replay))
+                        del graph
         rows.append(row)
         print(f"{cell.name}: varlen {row['varlen_ms'] * 1e3:.1f} us, current {row['current_ms'] * 1e3:.1f} us, "
               f"err vs current {err_cur:.1e}", file=sys.stderr)  # fmt: skip
@@ -290,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{us(r, 'current_ms')} {us(r, 'current_decode_graph_ms', 13)} {us(r, 'meta_build_ms')}")  # fmt: skip
     print("current: decode kernel + per-chunk SDPA, eager (attention only); cur_dec_graph: the decode kernel in a "
           "CUDA graph (pure-decode cells); build: AttentionMetadata.build on the host (current path, every step)")  # fmt: skip
+    tuning = [k for k in (rows[0] if rows else {}) if k.startswith("tuning_")]
+    if tuning:
+        print("\nTUNING variants, graph replay, us per call (two interleaved runs)")
+        for r in rows:
+            print(f"  {r['cell']:<20} " + "  ".join(f"{k[7:-9]} {'/'.join(f'{x * 1e3:.1f}' for x in r[k])}" for k in tuning))
     if sweep:
         print("\nsweep (us per call, eager / graph replay)")
         for s in sweep:

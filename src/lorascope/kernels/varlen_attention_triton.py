@@ -25,19 +25,19 @@ GROUP = H / Hkv query heads that share that head, as one [BLOCK_M * GROUP_PAD, D
 token r // GROUP_PAD, head r % GROUP_PAD; GROUP_PAD = GROUP rounded up to a power of two, padding heads
 masked). Each K/V row is thus read once per (tile, kv head) instead of once per query head: GROUP times
 less K/V traffic than looping over heads, and a bigger dot. Sequence s's tiles are the program ids
-[q_start[s] // BLOCK_M + s, + cdiv(q_len[s], BLOCK_M)): these ranges never overlap and fit below
-T // BLOCK_M + S (the layout contract), so the grid depends on shapes only; a program finds its sequence
-by counting the sequences whose first tile is at or below its own (one vector load of q_start, S
-padded to a power of two; `seq_search="binary"`, a binary search, takes log2 S dependent loads), and a
-program past its sequence's q_len (or before the first sequence) exits at once. The program walks the
-positions [lo(first token), last token] in tiles of BLOCK_N (causal: nothing above the tile's last
-position is visited; with a window, nothing below its first token's window), gathers the tile's block
-ids from the block table (loaded one tile ahead, so that load is in flight beside the current tile's
-K/V instead of before it; masked: only positions < seq_len are ever looked up, so padding table entries, whatever their value, are never used as
-addresses), loads K and V [BLOCK_N, D], S = (q * scale * log2 e) @ K^T in float32 with the per-row mask
-lo(p_row) <= j <= p_row, an online softmax in base 2 (rows that have seen no valid position yet keep
-m = -inf without producing NaN), acc += P @ V with P rounded to the cache dtype (flash attention). Rows
-with no valid position at all write zeros.
+[q_start[s] // BLOCK_M + s, + cdiv(q_len[s], BLOCK_M)): these ranges never overlap and fit below T //
+BLOCK_M + S (the layout contract), so the grid depends on shapes only; a program finds its sequence by
+counting the sequences whose first tile is at or below its own (one vector load of q_start, S padded to
+a power of two; `seq_search="binary"`, a binary search, takes log2 S dependent loads), and a program
+past its sequence's q_len (or before the first sequence) exits at once. The program walks the positions
+[lo(first token), last token] in tiles of BLOCK_N (causal: nothing above the tile's last position is
+visited; with a window, nothing below its first token's window), gathers the tile's block ids from the
+block table (loaded one tile ahead, so that load is in flight beside the current tile's K/V instead of
+before it; masked: only positions < seq_len are ever looked up, so padding table entries, whatever their
+value, are never used as addresses), loads K and V [BLOCK_N, D], S = (q * scale * log2 e) @ K^T in
+float32 with the per-row mask lo(p_row) <= j <= p_row, an online softmax in base 2 (rows that have seen
+no valid position yet keep m = -inf without producing NaN), acc += P @ V with P rounded to the cache
+dtype (flash attention). Rows with no valid position at all write zeros.
 
 Decode vs prefill: the tile height is a constexpr, BLOCK_M tokens per program (`default_block_m`, from
 shapes only): BLOCK_M * GROUP_PAD = 16 rows unless the step is prefill-heavy (T > 8 S: more than eight
