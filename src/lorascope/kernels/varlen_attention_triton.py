@@ -80,7 +80,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PARTIAL_BYTES = 64 << 20  # split-K partials (float32 m, l, acc) stay under this
 # How a program finds its sequence and whether it loads a K/V tile's block ids one tile ahead (the
 # module docstring); a dict so benchmarks can A/B them on captured steps (benchmarks/gpu_step_ab.py).
-TUNING: dict[str, str | bool] = {"seq_search": "vector", "prefetch_table": True}
+TUNING: dict[str, str | bool] = {"seq_search": "vector", "prefetch_table": False}
 
 
 def default_block_n(head_dim: int) -> int:
