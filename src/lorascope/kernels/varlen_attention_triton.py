@@ -32,8 +32,8 @@ a power of two; `seq_search="binary"`, a binary search, takes log2 S dependent l
 past its sequence's q_len (or before the first sequence) exits at once. The program walks the positions
 [lo(first token), last token] in tiles of BLOCK_N (causal: nothing above the tile's last position is
 visited; with a window, nothing below its first token's window), gathers the tile's block ids from the
-block table (loaded one tile ahead, so that load is in flight beside the current tile's K/V instead of
-before it; masked: only positions < seq_len are ever looked up, so padding table entries, whatever their
+block table (`prefetch_table=True` loads them one tile ahead, beside the current tile's K/V; off by
+default: on an H100 it cost 1-3 us per call and saved nothing, benchmarks/RESULTS.md; masked: only positions < seq_len are ever looked up, so padding table entries, whatever their
 value, are never used as addresses), loads K and V [BLOCK_N, D], S = (q * scale * log2 e) @ K^T in
 float32 with the per-row mask lo(p_row) <= j <= p_row, an online softmax in base 2 (rows that have seen
 no valid position yet keep m = -inf without producing NaN), acc += P @ V with P rounded to the cache
