@@ -1,0 +1,208 @@
+"""The decode step's latency-bound kernels, one at a time, as a c=32 step of the Llama-3.1-8B shape runs them:
+paged varlen attention (32 decode tokens, contexts 192 and 256, H 32 / Hkv 8 / D 128, bf16, blocks of 16)
+and the q + v LoRA launch pair (32 single-token segments on 32 rank-16 adapters of a 512-slot store).
+
+    PYTHONPATH=src python3 benchmarks/gpu_kernel_probe.py --out $OUT/probe.json          # time the variants
+    ncu --clock-control none -k regex:'_varlen|_shrink_multi|_expand_multi' --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section LaunchStats \
+        python3 benchmarks/gpu_kernel_probe.py --ncu                                     # counters of the defaults
+
+Timing: per variant, 32 calls on 32 layers' distinct tensors (L2 holds none of them, as in a step) are
+captured in one CUDA graph and replayed; microseconds per call, the inter-kernel gap included. Every
+variant's output is checked against the default's (attention: max abs error < 2e-2; LoRA: the float32
+torch reference, relative error < 2e-2). `--ncu` runs each default kernel a few times eagerly, untimed,
+for a profiler to attach to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_varlen_attention import import_kernels
+
+LAYERS = 32
+ATTN_VARIANTS: list[dict] = [
+    {},
+    {"block_n": 32},
+    {"block_n": 32, "num_warps": 2},
+    {"block_n": 16, "num_warps": 2},
+    {"block_n": 64, "num_warps": 8},
+    {"block_n": 128, "num_warps": 8},
+    {"block_n": 64, "num_stages": 1},
+    {"block_n": 32, "num_stages": 1},
+    {"block_n": 32, "num_stages": 3},
+    {"partition_size": 64},
+    {"partition_size": 128},
+    {"block_n": 32, "num_warps": 2, "partition_size": 64},
+    {"block_n": 32, "num_warps": 2, "partition_size": 32},
+]
+LORA_VARIANTS: list[dict] = [
+    {},
+    {"split_k": 1},
+    {"split_k": 2},
+    {"split_k": 8},
+    {"split_k": 16},
+    {"block_n": 64},
+    {"block_n": 256},
+    {"split_k": 8, "block_n": 256},
+    {"split_k": 16, "block_n": 256},
+    {"split_k": 16, "block_n": 64},
+]
+
+
+def replay_us(fn, calls: int, n: int = 30) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(3):
+        start.record()
+        for _ in range(n):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / n / calls)
+    del graph
+    return min(times)
+
+
+def attention_cases(kvar, ctx: int) -> tuple[list, list]:
+    """32 layers' (q, k_cache, v_cache) and the shared metadata, for 32 decodes of context ctx."""
+    seqs, heads, kv_heads, head_dim, block_size = 32, 32, 8, 128, 16
+    need = -(-ctx // block_size)
+    num_blocks = seqs * need + 8
+    gen = torch.Generator().manual_seed(ctx)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = [perm[i * need : (i + 1) * need] for i in range(seqs)]
+    # the engine's table width: max_model_len 2048 / 16
+    meta = kvar.varlen_metadata([1] * seqs, [ctx] * seqs, tables, block_size, seqs, "cuda", max_blocks=128)
+    layers = []
+    for _ in range(LAYERS):
+        k = (torch.randn(num_blocks * block_size, kv_heads, head_dim, device="cuda") * 0.5).bfloat16()
+        v = torch.randn(num_blocks * block_size, kv_heads, head_dim, device="cuda").bfloat16()
+        q = torch.randn(seqs, heads, head_dim, device="cuda").bfloat16()
+        layers.append((q, k, v, torch.empty_like(q)))
+    return layers, [meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables]
+
+
+def lora_cases(ktri):
+    fan_in, shapes, slots, rank = 4096, {"q_proj": 4096, "v_proj": 1024}, 512, 16
+    segments = [(i, i + 1, i * (slots // 32)) for i in range(32)]
+    ranks = {m: [rank] * slots for m in shapes}
+    scales = {m: [2.0] * slots for m in shapes}
+    meta = ktri.LoRAMeta.build([], ranks, scales, "cuda", capacity=32, max_len_bound=32)
+    meta.update(segments, ranks, scales)
+    active = [s for _, _, s in segments]
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(32, fan_in, device="cuda", generator=gen).bfloat16()
+    layers = []
+    for _ in range(LAYERS):
+        w = {}
+        for m, n in shapes.items():
+            a = torch.zeros((slots, rank, fan_in), dtype=torch.bfloat16, device="cuda")
+            b = torch.zeros((slots, n, rank), dtype=torch.bfloat16, device="cuda")
+            a[active] = (torch.randn(32, rank, fan_in, generator=gen, device="cuda") * fan_in**-0.5).bfloat16()
+            b[active] = (torch.randn(32, n, rank, generator=gen, device="cuda") * rank**-0.5).bfloat16()
+            w[m] = (a, b, torch.zeros(32, n, dtype=torch.bfloat16, device="cuda"))
+        layers.append(w)
+    return x, layers, meta, active
+
+
+def lora_reference(x, w, active):
+    out = {}
+    for m, (a, b, _) in w.items():
+        u = torch.einsum("tk,trk->tr", x.float(), a[active].float()) * 2.0
+        out[m] = torch.einsum("tr,tnr->tn", u.bfloat16().float(), b[active].float())
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--ncu", action="store_true", help="run the default kernels eagerly for ncu; no timing")
+    args = ap.parse_args()
+    if not args.ncu and args.out is None:
+        ap.error("--out is needed unless --ncu")
+    _katt, _kdec, kvar = import_kernels()
+    import importlib
+
+    ktri = importlib.import_module("lorascope.kernels.lora_triton")
+    scale = 128**-0.5
+    rows, failures = [], []
+    for ctx in (192, 256):
+        layers, meta = attention_cases(kvar, ctx)
+        ref = None
+        for variant in [{}] if args.ncu else ATTN_VARIANTS:
+
+            def step(variant=variant, layers=layers, meta=meta) -> None:
+                for q, k, v, o in layers:
+                    kvar.paged_varlen_attention(q, k, v, *meta, scale, 16, out=o, **variant)
+
+            if args.ncu:
+                for _ in range(3):
+                    kvar.paged_varlen_attention(*layers[0][:3], *meta, scale, 16, out=layers[0][3])
+                torch.cuda.synchronize()
+                continue
+            step()
+            got = layers[0][3].float().clone()
+            if ref is None:
+                ref = got
+            err = (got - ref).abs().max().item()
+            if err > 2e-2:
+                failures.append(f"attention ctx {ctx} {variant}: differs from the default by {err:.2e}")
+            us = replay_us(step, LAYERS)
+            rows.append({"kernel": "attention", "ctx": ctx, **variant, "us_per_call": us, "max_err": err})
+            print(json.dumps(rows[-1]), flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+    x, layers, meta, active = lora_cases(ktri)
+    want = lora_reference(x, layers[0], active)
+    for variant in [{}] if args.ncu else LORA_VARIANTS:
+
+        def lstep(variant=variant) -> None:
+            for w in layers:
+                ktri.lora_multi_triton(x, [(w[m][2], w[m][0], w[m][1], meta[m]) for m in ("q_proj", "v_proj")], **variant)
+
+        if args.ncu:
+            for _ in range(3):
+                ktri.lora_multi_triton(x, [(layers[0][m][2], layers[0][m][0], layers[0][m][1], meta[m])
+                                           for m in ("q_proj", "v_proj")])
+            torch.cuda.synchronize()
+            continue
+        for w in layers:
+            for m in w:
+                w[m][2].zero_()
+        ktri.lora_multi_triton(x, [(layers[0][m][2], layers[0][m][0], layers[0][m][1], meta[m]) for m in ("q_proj", "v_proj")],
+                               **variant)
+        err = max(((layers[0][m][2].float() - want[m]).norm() / want[m].norm()).item() for m in want)
+        if err > 2e-2:
+            failures.append(f"lora {variant}: relative error {err:.2e} against the reference")
+        us = replay_us(lstep, LAYERS)
+        plan = ktri.launch_plan(32, 4096, [4096, 1024], meta["q_proj"], **variant)
+        rows.append({"kernel": "lora_qv", **variant, "us_per_call": us, "rel_err": err, "split": plan.split,
+                     "programs": plan.programs})
+        print(json.dumps(rows[-1]), flush=True)
+    if args.ncu:
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "rows": rows, "failures": failures}, indent=1))
+    for f in failures:
+        print("FAIL", f, file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
