@@ -3,7 +3,10 @@ beside the base GEMM on a second stream (`overlap`, the default) against after i
 (`serial`); or the varlen attention's sequence search and block-table prefetch
 (kernels/varlen_attention_triton.py `TUNING`), with the shrink overlapped: `attn-binary` (binary search,
 no prefetch: the kernel before 2026-12-06), `attn-vector` (vector search only), `attn-prefetch`
-(prefetch only), `attn-both` (the default).
+(prefetch only), `attn-both` (both); the other variants run the kernel's default (`TUNING`: vector search, no
+prefetch). `lora-fused` / `lora-grouped`: the q/k/v and gate/up LoRA folded into the norm and rotary / SiLU
+kernels (model/layers.py `LORA_FUSION`, the default) against the grouped shrink + expand launches; these
+two differ in float32 summation order, so their tokens may differ.
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 import lorascope.kernels.varlen_attention_triton as varlen
+import lorascope.model.layers as layers
 from gpu_profile_decode import _replay_ms
 from lorascope import LLM, SamplingParams
 from lorascope.adapters.synthetic import make_adapters
@@ -35,6 +39,9 @@ ATTN = {
     "attn-prefetch": {"seq_search": "binary", "prefetch_table": True},
     "attn-both": {"seq_search": "vector", "prefetch_table": True},
 }
+ATTN_DEFAULT = dict(varlen.TUNING)
+FUSION_DEFAULT = dict(layers.LORA_FUSION)
+LORA = {"lora-fused": FUSION_DEFAULT, "lora-grouped": {"max_tokens": 0}}
 
 
 def main() -> None:
@@ -58,10 +65,11 @@ def main() -> None:
     rows, first_tokens = [], None
     side = torch.cuda.Stream()
     for variant in args.variants.split(","):
-        if variant not in ("overlap", "serial", *ATTN):
-            raise SystemExit(f"unknown variant {variant!r}: overlap, serial or one of {', '.join(ATTN)}")
+        if variant not in ("overlap", "serial", *ATTN, *LORA):
+            raise SystemExit(f"unknown variant {variant!r}: overlap, serial or one of {', '.join([*ATTN, *LORA])}")
         runner.side_stream = None if variant == "serial" else side
-        varlen.TUNING.update(ATTN.get(variant, ATTN["attn-both"]))
+        varlen.TUNING.update(ATTN.get(variant, ATTN_DEFAULT))
+        layers.LORA_FUSION.update(LORA.get(variant, FUSION_DEFAULT))
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
         outs = llm.generate(prompts, params, names)

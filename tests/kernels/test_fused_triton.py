@@ -141,6 +141,97 @@ def test_kernel_fused_decoder_equals_the_torch_decoder(preset: str) -> None:
         torch.testing.assert_close(v1, v0, rtol=1e-4, atol=1e-5)
 
 
+def _lora_layer(dtype: torch.dtype):
+    """One layer's q/k/v and gate/up with LoRA on q, v, gate and up (not k), 5 slots of mixed ranks (one
+    empty), a capacity-built step meta (padding segments, as a graph's) with a base token in between."""
+    from lorascope.kernels.lora_triton import LoRAMeta
+
+    gen = torch.Generator().manual_seed(11)
+    hidden, heads, kv_heads, head_dim, inter, slots, max_rank = 64, 4, 2, 16, 96, 5, 16
+    outs = {"q_proj": heads * head_dim, "k_proj": kv_heads * head_dim, "v_proj": kv_heads * head_dim,
+            "gate_proj": inter, "up_proj": inter}
+    lora_mods = ("q_proj", "v_proj", "gate_proj", "up_proj")
+    ranks = {m: [16, 8, 0, 16, 8] for m in lora_mods}
+    scales = {m: [0.5, 2.0, 0.0, 1.0, 1.5] for m in lora_mods}
+    a = {m: (torch.randn(slots, max_rank, hidden, generator=gen) * 0.3).to(dtype).to(DEVICE) for m in lora_mods}
+    b = {m: (torch.randn(slots, outs[m], max_rank, generator=gen) * 0.3).to(dtype).to(DEVICE) for m in lora_mods}
+    segments = [(0, 3, 3), (4, 5, 1), (5, 9, 0)]  # token 3: a base request (no segment)
+    meta = LoRAMeta.build(segments, ranks, scales, DEVICE, capacity=6, max_len_bound=9)
+    w = {m: (torch.randn(n, hidden, generator=gen) * hidden**-0.5).to(dtype).to(DEVICE) for m, n in outs.items()}
+    x = torch.randn(9, hidden, generator=gen).to(DEVICE)
+    delta = torch.randn(9, hidden, generator=gen).to(dtype).to(DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype).to(DEVICE)
+    return dict(gen=gen, heads=heads, kv_heads=kv_heads, head_dim=head_dim, a=a, b=b, meta=meta, w=w, x=x,
+                delta=delta, norm_w=norm_w, segments=segments, ranks=ranks, scales=scales)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype) -> None:
+    """The shrink folded into add_rmsnorm and the expand into rotary / SiLU give what the grouped LoRA
+    kernels give between the unfused norm, rotary and SiLU kernels: q, the K/V cache rows, SiLU's output,
+    and u against A @ h in float64."""
+    from lorascope.kernels.fused_triton import FusedLoRA, LoRAModule, add_rmsnorm_shrink
+    from lorascope.kernels.lora_triton import lora_multi_triton
+
+    L = _lora_layer(dtype)
+    meta, a, b, w = L["meta"], L["a"], L["b"], L["w"]
+    heads, kv_heads, d = L["heads"], L["kv_heads"], L["head_dim"]
+    cfg = ModelConfig(model_type="llama", vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=d, max_position_embeddings=64)
+    rotary = Rotary(cfg, 64)
+    rotary.materialize(torch.device(DEVICE))
+    positions = torch.tensor([0, 1, 2, 30, 7, 3, 4, 5, 6], device=DEVICE)
+    rows = 20
+    cache_slots = torch.randperm(rows, generator=L["gen"])[:9].to(DEVICE)
+
+    def mod(m: str) -> LoRAModule:
+        return LoRAModule(a[m], b[m], meta[m].rank, meta[m].scale)
+
+    results = {}
+    for fused in (False, True):
+        res = L["x"].clone()
+        caches = [torch.full((rows, kv_heads, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2)]
+        qkv_lora = FusedLoRA((mod("q_proj"), None, mod("v_proj")), meta["q_proj"].seg)
+        if fused:
+            h, qkv_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, qkv_lora)
+        else:
+            h = add_rmsnorm(res, L["delta"], L["norm_w"], 1e-5)
+        q, k, v = (h @ w[m].T for m in ("q_proj", "k_proj", "v_proj"))
+        if not fused:
+            lora_multi_triton(h, [(q, a["q_proj"], b["q_proj"], meta["q_proj"]), (v, a["v_proj"], b["v_proj"], meta["v_proj"])])
+        q = q.view(9, heads, d)
+        rope_and_cache(q, k.view(9, kv_heads, d), v.view(9, kv_heads, d), rotary.cos, rotary.sin, positions, cache_slots,
+                       caches[0], caches[1], lora=qkv_lora if fused else None)
+        gu_lora = FusedLoRA((mod("gate_proj"), mod("up_proj")), meta["gate_proj"].seg)
+        if fused:
+            h2, gu_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, gu_lora)
+        else:
+            h2 = add_rmsnorm(res, L["delta"], L["norm_w"], 1e-5)
+        gate, up = h2 @ w["gate_proj"].T, h2 @ w["up_proj"].T
+        if not fused:
+            lora_multi_triton(h2, [(gate, a["gate_proj"], b["gate_proj"], meta["gate_proj"]),
+                                   (up, a["up_proj"], b["up_proj"], meta["up_proj"])])
+        act = silu_mul(gate, up, gu_lora if fused else None)
+        results[fused] = (res, h, q, caches[0][cache_slots], caches[1][cache_slots], h2, act)
+        if fused:
+            # u against float64: token t of segment (start, end, slot), rows past the rank add nothing
+            for plane, m in enumerate(("q_proj", "v_proj")):
+                want = torch.zeros(9, 16, dtype=torch.float64)
+                for start, end, slot in L["segments"]:
+                    r = L["ranks"][m][slot]
+                    want[start:end, :r] = L["scales"][m][slot] * (h[start:end].double().cpu() @ a[m][slot, :r].double().cpu().T)
+                got = qkv_lora.u[plane].double().cpu()
+                assert got[3].abs().max() == 0, "the base token (no segment) got a shrink"
+                torch.testing.assert_close(got, want, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                                           atol=1e-2 if dtype != torch.float32 else 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -5, atol=2 ** -5)
+    for name, got, want in zip(("residual", "h", "q", "k cache", "v cache", "h2", "silu"), results[True], results[False]):
+        torch.testing.assert_close(got.float(), want.float(), **tol, msg=lambda m, n=name: f"{n}: {m}")
+    # the base token's rows are the plain kernels' (no LoRA): bit for bit
+    assert torch.equal(results[True][2][3], results[False][2][3])
+
+
 @pytest.mark.skipif(HAS_CUDA or INTERPRETED or not HAS_TRITON, reason="the kernels run natively on CUDA")
 def test_kernels_under_triton_interpreter() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}

@@ -19,6 +19,15 @@ order of one float32 sum (the RMS):
   its cache rows. Replaces ~16 launches of rotary and the two index_put writes of `paged_attention`.
   Grid (tokens, heads + kv heads): a program rotates one head of one token (both halves).
 
+LoRA folded into them (`FusedLoRA`, for steps of up to a few hundred tokens; model/layers.py decides):
+`add_rmsnorm_shrink` also computes, for each token, u_m = scale_m * A_m[slot] @ h (the shrink of the
+modules that read the normalised row h: q/k/v, or gate/up), and `rope_and_cache(..., lora=)` /
+`silu_mul(..., lora=)` add B_m[slot] @ u_m to their inputs before they use them (the expand), with the
+roundings of kernels/lora_triton.py (u rounded to the weights' dtype, the delta added in float32 and the
+sum rounded): the grouped shrink and expand launches of those modules disappear from the step. A token
+finds its segment (start, length, slot) by one vector load of the step's segment table; tokens of no
+segment (base requests) and rank rows past a slot's rank add nothing.
+
 Fixed shapes only, no host sync: all three can be captured in a CUDA graph. Inputs must be contiguous
 in their last dimension. Under Triton's interpreter (TRITON_INTERPRET=1) they run on CPU tensors, which
 is how the CPU tests check them (tests/kernels/test_fused_triton.py).
@@ -26,44 +35,182 @@ is how the CPU tests check them (tests/kernels/test_fused_triton.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lorascope.kernels._triton import HAS_TRITON, tl, triton
 from lorascope.kernels._triton import next_pow2 as _next_pow2
+
+# The widest padded rank the fused LoRA path takes (its [rank, chunk] tiles live in registers).
+FUSED_LORA_MAX_RANK = 64
+
+
+@dataclass(frozen=True, slots=True)
+class LoRAModule:
+    """One module's LoRA operands for the fused kernels: A [S, R, in] (the shrink) or B [S, out, R] (the
+    expand) of the slot store, and the step's per-segment rank and scale (kernels/lora_triton.py
+    `LoRAModuleMeta`: `rank` int32 [n], `scale` float32 [n])."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: torch.Tensor
+    scale: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class FusedLoRA:
+    """The LoRA of a group of modules that read one normalised row (q/k/v, or gate/up), fused into the
+    kernels around their GEMM. `modules` has one entry per member of the group (None: no LoRA weights
+    there); `seg` is the step's int32 [3, n] segment table (start, length, slot), `u` the shrink's result
+    [M, T, R] in the weights' dtype, M = the members with weights, in group order (set by
+    `add_rmsnorm_shrink`)."""
+
+    modules: tuple[LoRAModule | None, ...]
+    seg: torch.Tensor
+    u: torch.Tensor | None = None
+
+    @property
+    def present(self) -> list[LoRAModule]:
+        return [m for m in self.modules if m is not None]
+
+    @property
+    def r_pad(self) -> int:
+        return max(16, _next_pow2(self.present[0].a.shape[1]))
+
+    def index(self, member: int) -> int:
+        """The u plane of group member `member`, or -1 when it has no LoRA weights."""
+        if self.modules[member] is None:
+            return -1
+        return sum(m is not None for m in self.modules[:member])
+
+    def with_u(self, u: torch.Tensor) -> FusedLoRA:
+        return FusedLoRA(self.modules, self.seg, u)
+
+
+def fusable(lora: FusedLoRA) -> str | None:
+    """Why the fused kernels cannot take `lora` (None: they can)."""
+    present = lora.present
+    if not present or len(present) > 3:
+        return f"{len(present)} modules with LoRA weights (1..3 fuse)"
+    a0 = present[0].a
+    if any(m.a.shape[:2] != a0.shape[:2] or m.a.stride(2) != 1 or m.b.stride(2) != 1 for m in present):
+        return "A/B of the group differ in slots or rank, or are not contiguous in their last dim"
+    if max(16, _next_pow2(a0.shape[1])) > FUSED_LORA_MAX_RANK:
+        return f"max rank {a0.shape[1]} above {FUSED_LORA_MAX_RANK}"
+    if lora.seg.dim() != 2 or lora.seg.shape[0] != 3 or lora.seg.shape[1] == 0 or lora.seg.stride(1) != 1:
+        return "no segment table"
+    return None
+
+
+def _lora_pointers(lora: FusedLoRA, members: int) -> tuple[list, list, list, list]:
+    """Per group member (padded to 3): A, B, rank, scale pointers (member 0's where absent: never read)."""
+    first = lora.present[0]
+    mods = [*lora.modules, *[None] * (3 - members)]
+    a = [(m or first).a for m in mods]
+    b = [(m or first).b for m in mods]
+    rank = [(m or first).rank for m in mods]
+    scale = [(m or first).scale for m in mods]
+    return a, b, rank, scale
+
+
+def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       lora: FusedLoRA) -> tuple[torch.Tensor, FusedLoRA]:
+    """`add_rmsnorm`, and the LoRA shrink of the modules that read its output h:
+    u[m, t, :R] = (scale_m * A_m[slot(t), :rank] @ h[t]) rounded to h's dtype (zeros for tokens of no
+    segment). Returns h and `lora` with u set. The shrink reads h back after a barrier (the row is in
+    global memory by then): the same bits the grouped shrink reads, and the norm's code is unchanged."""
+    if (why := fusable(lora)) is not None:
+        raise ValueError(f"add_rmsnorm_shrink: {why}")
+    t, h = residual.shape
+    present = lora.present
+    if present[0].a.shape[2] != h or present[0].a.dtype != weight.dtype:
+        raise ValueError(f"add_rmsnorm_shrink: A {tuple(present[0].a.shape)} {present[0].a.dtype} does not read rows "
+                         f"of {h} {weight.dtype}")
+    out = _check_norm(residual, delta, weight)
+    r_pad = lora.r_pad
+    u = torch.empty((len(present), t, r_pad), dtype=weight.dtype, device=residual.device)
+    if t == 0:
+        return out, lora.with_u(u)
+    a, _, rank, scale = _lora_pointers(lora, len(lora.modules))
+    # present members first, in order: the kernel's modules 0..M-1
+    order = [i for i, m in enumerate(lora.modules) if m is not None]
+    a = [a[i] for i in order] + [a[order[0]]] * (3 - len(order))
+    rank = [rank[i] for i in order] + [rank[order[0]]] * (3 - len(order))
+    scale = [scale[i] for i in order] + [scale[order[0]]] * (3 - len(order))
+    block = _next_pow2(h)
+    chunk = max(128, min(block, 16384 // r_pad))
+    seg = lora.seg
+    _add_rmsnorm_kernel[(t,)](
+        residual, residual if delta is None else delta, weight, out, h, eps,
+        residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
+        a[0], a[1], a[2], u, seg, rank[0], rank[1], rank[2], scale[0], scale[1], scale[2],
+        seg.stride(0), seg.shape[1], a[0].stride(0), a[0].stride(1), u.stride(0), u.stride(1),
+        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
+        LORA_M=len(order), R=r_pad, CHUNK=chunk, SEG_PAD=_next_pow2(seg.shape[1]),
+        num_warps=16,
+    )
+    return out, lora.with_u(u)
+
+
+def _check_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
+    t, h = residual.shape
+    if residual.dtype != torch.float32 or residual.stride(1) != 1:
+        raise ValueError(f"add_rmsnorm wants a float32 residual contiguous in its last dim, got {residual.dtype}")
+    if delta is not None and (delta.shape != residual.shape or delta.stride(1) != 1):
+        raise ValueError(f"add_rmsnorm: delta {tuple(delta.shape)} must match the residual {tuple(residual.shape)}")
+    return torch.empty((t, h), dtype=weight.dtype, device=residual.device)
+
+
+def _lora_launch_args(lora: FusedLoRA | None, members: int, ref: torch.Tensor) -> tuple[list, dict]:
+    """The expand's pointer/stride arguments and constexprs for a fused kernel (dummies without LoRA)."""
+    if lora is None:
+        dummy = [ref] * 8 + [0] * 8
+        return dummy, {"LORA": False, "U0": -1, "U1": -1, "U2": -1, "R": 16, "SEG_PAD": 1}
+    if (why := fusable(lora)) is not None or lora.u is None:
+        raise ValueError(f"fused LoRA expand: {why or 'no u (run add_rmsnorm_shrink first)'}")
+    _, b, rank, _ = _lora_pointers(lora, members)
+    seg, u = lora.seg, lora.u
+    idx = [lora.index(i) if i < members else -1 for i in range(3)]
+    args = [u, b[0], b[1], b[2], rank[0], rank[1], rank[2], seg, seg.stride(0), seg.shape[1], u.stride(0), u.stride(1),
+            b[0].stride(0), b[1].stride(0), b[2].stride(0), b[0].stride(1)]
+    return args, {"LORA": True, "U0": idx[0], "U1": idx[1], "U2": idx[2], "R": lora.r_pad,
+                  "SEG_PAD": _next_pow2(seg.shape[1])}
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """residual [T, H] float32 (updated in place when delta is given); delta [T, H] or None; returns
     the normalised rows [T, H] in weight's dtype."""
     t, h = residual.shape
-    if residual.dtype != torch.float32 or residual.stride(1) != 1:
-        raise ValueError(f"add_rmsnorm wants a float32 residual contiguous in its last dim, got {residual.dtype}")
-    if delta is not None and (delta.shape != residual.shape or delta.stride(1) != 1):
-        raise ValueError(f"add_rmsnorm: delta {tuple(delta.shape)} must match the residual {tuple(residual.shape)}")
-    out = torch.empty((t, h), dtype=weight.dtype, device=residual.device)
+    out = _check_norm(residual, delta, weight)
     if t == 0:
         return out
     block = _next_pow2(h)
     _add_rmsnorm_kernel[(t,)](
         residual, residual if delta is None else delta, weight, out, h, eps,
         residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
-        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
-        num_warps=min(16, max(4, block // 512)),
+        *[out] * 11, *[0] * 6,
+        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16, LORA_M=0, R=16, CHUNK=16,
+        SEG_PAD=1, num_warps=min(16, max(4, block // 512)),
     )
     return out
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """F.silu(gate) * up for [T, I] tensors of one dtype, rounded as torch rounds it."""
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, lora: FusedLoRA | None = None) -> torch.Tensor:
+    """F.silu(gate) * up for [T, I] tensors of one dtype, rounded as torch rounds it. With `lora` (the
+    gate/up group, u from `add_rmsnorm_shrink`), gate and up first get their LoRA deltas, rounded as
+    the grouped expand rounds them."""
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.stride(1) != 1 or up.stride(1) != 1:
         raise ValueError(f"silu_mul wants two [T, I] tensors of one dtype, got {tuple(gate.shape)} {tuple(up.shape)}")
     t, n = gate.shape
     out = torch.empty_like(gate)
     if t == 0:
         return out
-    block = 1024
+    lora_args, lora_consts = _lora_launch_args(lora, 2, gate)
+    block = 1024 if lora is None else max(64, 4096 // lora_consts["R"])
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
-                                                 BLOCK=block, BF16=gate.dtype == torch.bfloat16, num_warps=4)
+                                                 *lora_args, BLOCK=block, BF16=gate.dtype == torch.bfloat16,
+                                                 **lora_consts, num_warps=4)
     return out
 
 
@@ -77,6 +224,7 @@ def rope_and_cache(
     slot_mapping: torch.Tensor,  # [T] int: the cache row of each token
     k_cache: torch.Tensor,  # [rows, Hkv, D]
     v_cache: torch.Tensor,  # [rows, Hkv, D]
+    lora: FusedLoRA | None = None,  # the q/k/v group: their LoRA deltas are added first
 ) -> None:
     t, heads, d = q.shape
     kv_heads = k.shape[1]
@@ -91,11 +239,12 @@ def rope_and_cache(
     if t == 0:
         return
     half = d // 2
+    lora_args, lora_consts = _lora_launch_args(lora, 3, q)
     _rope_cache_kernel[(t, heads + kv_heads)](
         q, k, v, cos, sin, positions, slot_mapping, k_cache, v_cache,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), v_cache.stride(0),
-        heads, HALF=half, BLOCK=_next_pow2(half), BF16=q.dtype == torch.bfloat16,
-        num_warps=1 if half <= 64 else 2,
+        heads, *lora_args, HALF=half, BLOCK=_next_pow2(half), BF16=q.dtype == torch.bfloat16, **lora_consts,
+        num_warps=(1 if half <= 64 else 2) if lora is None else 4,
     )
 
 
@@ -114,8 +263,39 @@ if HAS_TRITON:
             return x.to(dtype).to(tl.float32)
 
     @triton.jit
+    def _segment_of(tok, seg_ptr, seg_stride, num_seg, SEG_PAD: tl.constexpr):
+        """(index, found) of the segment (start, length, slot) holding token `tok`: one vector load."""
+        idx = tl.arange(0, SEG_PAD)
+        ok = idx < num_seg
+        start = tl.load(seg_ptr + idx, mask=ok, other=0)
+        length = tl.load(seg_ptr + seg_stride + idx, mask=ok, other=0)
+        hit = ok & (start <= tok) & (tok < start + length)
+        return tl.sum(tl.where(hit, idx, 0), axis=0), tl.sum(hit.to(tl.int32), axis=0) > 0
+
+    @triton.jit
+    def _shrink_row(acc, a_ptr, slot, rank, x, k, k_ok, sa_s, sa_r, R: tl.constexpr):
+        """acc [R, CHUNK] += A[slot, :rank, k] * x[k] (float32; rows past the rank read as zero)."""
+        offs_r = tl.arange(0, R)
+        a = tl.load(a_ptr + slot * sa_s + offs_r[:, None] * sa_r + k[None, :],
+                    mask=(offs_r < rank)[:, None] & k_ok[None, :], other=0.0)
+        return acc + a.to(tl.float32) * x[None, :]
+
+    @triton.jit
+    def _expand_cols(u_ptr, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr):
+        """B[slot, cols, :rank] @ u[:rank] in float32 (u already rounded to the weights' dtype)."""
+        offs_r = tl.arange(0, R)
+        r_ok = offs_r < rank
+        u = tl.load(u_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + slot * sb_s + cols[:, None] * sb_n + offs_r[None, :],
+                    mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        return tl.sum(b.to(tl.float32) * u[None, :], axis=1)
+
+    @triton.jit
     def _add_rmsnorm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, n, eps, stride_res, stride_delta, stride_out,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
+                            a0_ptr, a1_ptr, a2_ptr, u_ptr, seg_ptr, r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr,
+                            seg_stride, num_seg, sa_s, sa_r, su_m, su_t,
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, LORA_M: tl.constexpr,
+                            R: tl.constexpr, CHUNK: tl.constexpr, SEG_PAD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -128,23 +308,67 @@ if HAS_TRITON:
         normed = _round_to(x * rstd, dtype, BF16)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (w * normed).to(dtype), mask=mask)
+        if LORA_M > 0:  # the shrink of the modules reading this row: u_m = scale_m * A_m[slot] @ h
+            tl.debug_barrier()  # the row just stored is visible to every thread of the program
+            s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+            slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
+            rank0 = tl.where(found, tl.load(r0_ptr + s), 0)
+            rank1 = tl.where(found, tl.load(r1_ptr + s), 0)
+            rank2 = tl.where(found, tl.load(r2_ptr + s), 0)
+            acc0 = tl.zeros((R, CHUNK), dtype=tl.float32)
+            acc1 = tl.zeros((R, CHUNK), dtype=tl.float32)
+            acc2 = tl.zeros((R, CHUNK), dtype=tl.float32)
+            for c in tl.static_range(0, BLOCK, CHUNK):  # unrolled: every chunk's loads can be in flight
+                k = c + tl.arange(0, CHUNK)
+                k_ok = k < n
+                h = tl.load(out_ptr + row * stride_out + k, mask=k_ok, other=0.0).to(tl.float32)
+                acc0 = _shrink_row(acc0, a0_ptr, slot, rank0, h, k, k_ok, sa_s, sa_r, R)
+                if LORA_M > 1:
+                    acc1 = _shrink_row(acc1, a1_ptr, slot, rank1, h, k, k_ok, sa_s, sa_r, R)
+                if LORA_M > 2:
+                    acc2 = _shrink_row(acc2, a2_ptr, slot, rank2, h, k, k_ok, sa_s, sa_r, R)
+            offs_r = tl.arange(0, R)
+            u_row = u_ptr + row * su_t + offs_r
+            tl.store(u_row, (tl.sum(acc0, axis=1) * tl.load(s0_ptr + s)).to(dtype))
+            if LORA_M > 1:
+                tl.store(u_row + su_m, (tl.sum(acc1, axis=1) * tl.load(s1_ptr + s)).to(dtype))
+            if LORA_M > 2:
+                tl.store(u_row + 2 * su_m, (tl.sum(acc2, axis=1) * tl.load(s2_ptr + s)).to(dtype))
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_out, BLOCK: tl.constexpr,
-                         BF16: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_out,
+                         lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, seg_ptr, seg_stride, num_seg,
+                         su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
+                         BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr, U0: tl.constexpr,
+                         U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr, SEG_PAD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         dtype = out_ptr.dtype.element_ty
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        if LORA:  # gate (member 0) and up (member 1) get their deltas, rounded as the grouped expand's y
+            s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+            slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
+            if U0 >= 0:
+                rank = tl.where(found, tl.load(r0_ptr + s), 0)
+                d = _expand_cols(lu_ptr + U0 * su_m + row * su_t, b0_ptr, slot, rank, cols, mask, sb0_s, sb_n, R)
+                g = _round_to(g + d, dtype, BF16)
+            if U1 >= 0:
+                rank = tl.where(found, tl.load(r1_ptr + s), 0)
+                d = _expand_cols(lu_ptr + U1 * su_m + row * su_t, b1_ptr, slot, rank, cols, mask, sb1_s, sb_n, R)
+                u = _round_to(u + d, dtype, BF16)
         s = _round_to(g / (1.0 + tl.exp(-g)), dtype, BF16)
         tl.store(out_ptr + row * stride_out + cols, (s * u).to(dtype), mask=mask)
 
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr,
                            stride_q, stride_k, stride_v, stride_cs, stride_kc, stride_vc, heads,
-                           HALF: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
+                           lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, seg_ptr, seg_stride, num_seg,
+                           su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
+                           HALF: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr,
+                           U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr,
+                           SEG_PAD: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -156,6 +380,9 @@ if HAS_TRITON:
         c2 = _round_to(tl.load(cos_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0), dtype, BF16)
         s1 = _round_to(tl.load(sin_ptr + pos * stride_cs + cols, mask=mask, other=0.0), dtype, BF16)
         s2 = _round_to(tl.load(sin_ptr + pos * stride_cs + HALF + cols, mask=mask, other=0.0), dtype, BF16)
+        if LORA:
+            sidx, found = _segment_of(tok, seg_ptr, seg_stride, num_seg, SEG_PAD)
+            lslot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
         if head < heads:
             src = q_ptr + tok * stride_q + head * (2 * HALF)
             dst = src
@@ -166,10 +393,35 @@ if HAS_TRITON:
             dst = kc_ptr + slot * stride_kc + g * (2 * HALF)
             vrow = tl.load(v_ptr + tok * stride_v + g * (2 * HALF) + cols, mask=mask)
             vrow2 = tl.load(v_ptr + tok * stride_v + g * (2 * HALF) + HALF + cols, mask=mask)
+            if LORA and U2 >= 0:  # v's delta, rounded as the grouped expand rounds y (both constexpr)
+                rank = tl.where(found, tl.load(r2_ptr + sidx), 0)
+                u_row = lu_ptr + U2 * su_m + tok * su_t
+                c0 = g * (2 * HALF) + cols
+                d1 = _expand_cols(u_row, b2_ptr, lslot, rank, c0, mask, sb2_s, sb_n, R)
+                d2 = _expand_cols(u_row, b2_ptr, lslot, rank, c0 + HALF, mask, sb2_s, sb_n, R)
+                vrow = _round_to(vrow.to(tl.float32) + d1, dtype, BF16).to(dtype)
+                vrow2 = _round_to(vrow2.to(tl.float32) + d2, dtype, BF16).to(dtype)
             tl.store(vc_ptr + slot * stride_vc + g * (2 * HALF) + cols, vrow, mask=mask)
             tl.store(vc_ptr + slot * stride_vc + g * (2 * HALF) + HALF + cols, vrow2, mask=mask)
         x1 = tl.load(src + cols, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + HALF + cols, mask=mask, other=0.0).to(tl.float32)
+        if LORA:  # q's (member 0) or k's (member 1) delta before the rotation
+            if head < heads:
+                if U0 >= 0:
+                    rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
+                    u_row = lu_ptr + U0 * su_m + tok * su_t
+                    c0 = head * (2 * HALF) + cols
+                    x1 = _round_to(x1 + _expand_cols(u_row, b0_ptr, lslot, rank, c0, mask, sb0_s, sb_n, R), dtype, BF16)
+                    x2 = _round_to(x2 + _expand_cols(u_row, b0_ptr, lslot, rank, c0 + HALF, mask, sb0_s, sb_n, R),
+                                   dtype, BF16)
+            else:
+                if U1 >= 0:
+                    rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
+                    u_row = lu_ptr + U1 * su_m + tok * su_t
+                    c0 = (head - heads) * (2 * HALF) + cols
+                    x1 = _round_to(x1 + _expand_cols(u_row, b1_ptr, lslot, rank, c0, mask, sb1_s, sb_n, R), dtype, BF16)
+                    x2 = _round_to(x2 + _expand_cols(u_row, b1_ptr, lslot, rank, c0 + HALF, mask, sb1_s, sb_n, R),
+                                   dtype, BF16)
         # out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
         o1 = (_round_to(x1 * c1, dtype, BF16) + _round_to(-x2 * s1, dtype, BF16)).to(dtype)
         o2 = (_round_to(x2 * c2, dtype, BF16) + _round_to(x1 * s2, dtype, BF16)).to(dtype)

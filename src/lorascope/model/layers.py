@@ -165,7 +165,7 @@ def unpack_linears(lins: tuple[LoRALinear, ...]) -> None:
 
 
 def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
-            packed: PackedProjection | None = None) -> list[torch.Tensor]:
+            packed: PackedProjection | None = None, with_lora: bool = True) -> list[torch.Tensor]:
     """Several LoRA-capable linears that read the same x (q/k/v, gate/up).
 
     With `packed` (Decoder.pack_projections) the base products are one GEMM over the stacked weight and
@@ -173,7 +173,10 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
     which every consumer takes (views, the fused kernels, lora_multi_triton pass row strides). With the
     Triton LoRA op (CUDA), the LoRA deltas go through one shrink and one expand launch for all of them
     (kernels/lora_triton.py `lora_multi_triton`); otherwise each linear adds its own, in place. With
-    `ctx.side_stream` the shrink runs beside the base GEMM (`_overlapped`)."""
+    `ctx.side_stream` the shrink runs beside the base GEMM (`_overlapped`). with_lora=False: the base
+    products only (the fused kernels around the GEMM add the deltas: `fused_lora`)."""
+    if not with_lora:
+        return _base(x, lins, packed)
     meta = ctx.lora.kernel_meta if ctx.lora is not None else None
     if (meta is not None and ctx.side_stream is not None and x.shape[0] <= OVERLAP_MAX_TOKENS
             and (ys := _overlapped(x, lins, packed, meta, ctx.side_stream))):
@@ -197,6 +200,36 @@ def project(x: torch.Tensor, lins: tuple[LoRALinear, ...], ctx: StepContext,
 # 4.44-4.57 ms overlapped against 4.60-4.79 serial, 8 tokens 4.84 against 4.95; from 16 tokens the GEMM
 # fills the SMs and the overlap gains nothing (32 tokens: 5.00 against 4.96 ms).
 OVERLAP_MAX_TOKENS = 8
+
+
+# Steps of at most this many tokens fold the LoRA of q/k/v and of gate/up into the fused kernels around
+# their GEMM (`fused_lora`): the shrink into the norm before it, the expand into the rotary / SiLU kernel
+# after it, which removes the two grouped launches per group. Each token re-reads its adapter's A rows
+# (from L2 after the first token of a segment), so long prefill chunks keep the grouped kernels, whose
+# 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off).
+LORA_FUSION: dict[str, int] = {"max_tokens": 256}
+
+
+def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> fused_triton.FusedLoRA | None:
+    """The fused kernels' LoRA operands for the group `lins` (q/k/v or gate/up) in this step, or None when
+    the step keeps the grouped kernels: no Triton metadata (CPU), more than LORA_FUSION's tokens, no
+    LoRA weights in the group, or a shape the fused kernels do not take (`fused_triton.fusable`)."""
+    meta = ctx.lora.kernel_meta if ctx.lora is not None else None
+    if meta is None or tokens > LORA_FUSION["max_tokens"]:
+        return None
+    modules: list[fused_triton.LoRAModule | None] = []
+    seg = None
+    for lin in lins:
+        if lin.store is None or lin.key not in lin.store.a:
+            modules.append(None)
+            continue
+        m = meta[lin.key[1]]
+        modules.append(fused_triton.LoRAModule(lin.store.a[lin.key], lin.store.b[lin.key], m.rank, m.scale))
+        seg = m.seg
+    if seg is None:
+        return None
+    lora = fused_triton.FusedLoRA(tuple(modules), seg)
+    return lora if fused_triton.fusable(lora) is None else None
 
 
 def _base(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None) -> list[torch.Tensor]:
@@ -246,16 +279,23 @@ class Attention(nn.Module):
     def qkv(self) -> tuple[LoRALinear, LoRALinear, LoRALinear]:
         return self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, ctx: StepContext, fused: bool = False,
+                lora: fused_triton.FusedLoRA | None = None) -> torch.Tensor:
+        """lora (fused path only): q/k/v's LoRA, shrunk already (`add_rmsnorm_shrink`); the rotary kernel
+        adds the deltas."""
         t = x.shape[0]
-        q, k, v = project(x, self.qkv, ctx, self.packed)  # packed: column slices, row stride q + 2 kv
+        if lora is not None and not fused:
+            raise ValueError("a fused LoRA needs the fused kernels (fused=True)")
+        # packed: column slices, row stride q + 2 kv
+        q, k, v = project(x, self.qkv, ctx, self.packed, with_lora=lora is None)
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer]
         rotary = self.rotary[0]
         if fused:  # rotary of q (in place) and k, and the K/V cache writes, in one launch
-            fused_triton.rope_and_cache(q, k, v, rotary.cos, rotary.sin, positions, ctx.attn.slot_mapping, k_cache, v_cache)
+            fused_triton.rope_and_cache(q, k, v, rotary.cos, rotary.sin, positions, ctx.attn.slot_mapping, k_cache, v_cache,
+                                        lora=lora)
             out = paged_attention(q, None, None, k_cache, v_cache, ctx.attn, self.head_dim**-0.5)
         else:
             q, k = rotary(q, positions), rotary(k, positions)
@@ -275,9 +315,14 @@ class MLP(nn.Module):
     def gate_up(self) -> tuple[LoRALinear, LoRALinear]:
         return self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False) -> torch.Tensor:
-        gate, up = project(x, self.gate_up, ctx, self.packed)  # packed: column slices, row stride 2 I
-        return self.down_proj(fused_triton.silu_mul(gate, up) if fused else F.silu(gate) * up, ctx)
+    def forward(self, x: torch.Tensor, ctx: StepContext, fused: bool = False,
+                lora: fused_triton.FusedLoRA | None = None) -> torch.Tensor:
+        """lora (fused path only): gate/up's LoRA, shrunk already; the SiLU kernel adds the deltas."""
+        if lora is not None and not fused:
+            raise ValueError("a fused LoRA needs the fused kernels (fused=True)")
+        # packed: column slices, row stride 2 I
+        gate, up = project(x, self.gate_up, ctx, self.packed, with_lora=lora is None)
+        return self.down_proj(fused_triton.silu_mul(gate, up, lora) if fused else F.silu(gate) * up, ctx)
 
 
 class DecoderLayer(nn.Module):
@@ -299,7 +344,16 @@ class DecoderLayer(nn.Module):
         residual stream *before* the previous layer's MLP output `delta` is added (None for the first
         layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
         layer's MLP output, which the next layer (or the final norm) adds."""
-        h = fused_triton.add_rmsnorm(x, delta, self.input_layernorm.weight, self.input_layernorm.eps)
-        a = self.self_attn(h, positions, ctx, fused=True)
-        h = fused_triton.add_rmsnorm(x, a, self.post_attention_layernorm.weight, self.post_attention_layernorm.eps)
-        return self.mlp(h, ctx, fused=True)
+        tokens = x.shape[0]
+        a = self._norm(x, delta, self.input_layernorm, fused_lora(self.self_attn.qkv, ctx, tokens))
+        a = self.self_attn(a[0], positions, ctx, fused=True, lora=a[1])
+        h = self._norm(x, a, self.post_attention_layernorm, fused_lora(self.mlp.gate_up, ctx, tokens))
+        return self.mlp(h[0], ctx, fused=True, lora=h[1])
+
+    @staticmethod
+    def _norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, lora: fused_triton.FusedLoRA | None
+              ) -> tuple[torch.Tensor, fused_triton.FusedLoRA | None]:
+        """add_rmsnorm, with the shrink of the group that reads its output when that group's LoRA is fused."""
+        if lora is None:
+            return fused_triton.add_rmsnorm(x, delta, norm.weight, norm.eps), None
+        return fused_triton.add_rmsnorm_shrink(x, delta, norm.weight, norm.eps, lora)
