@@ -41,6 +41,11 @@ ATTN_VARIANTS: list[dict] = [
     {"partition_size": 128},
     {"block_n": 32, "num_warps": 2, "partition_size": 64},
     {"block_n": 32, "num_warps": 2, "partition_size": 32},
+    {"table_in_registers": True},
+    {"prefetch_kv": True},
+    {"table_in_registers": True, "prefetch_kv": True},
+    {"block_n": 32, "table_in_registers": True, "prefetch_kv": True},
+    {"block_n": 64, "num_warps": 8, "table_in_registers": True, "prefetch_kv": True},
 ]
 LORA_VARIANTS: list[dict] = [
     {},

@@ -186,8 +186,9 @@ def test_kernel_split_k_partitions(partition: int, block_n: int, dtype: torch.dt
 @kernel_test
 @pytest.mark.parametrize("partition", [None, 16])
 def test_kernel_sequence_search_and_table_prefetch_change_nothing(partition: int | None) -> None:
-    """How a program finds its sequence (one vector load and a count, or a binary search) and whether a
-    K/V tile's block ids are loaded one tile ahead change no arithmetic: the four variants agree bit for
+    """How a program finds its sequence (one vector load and a count, or a binary search), whether a K/V
+    tile's block ids are loaded one tile ahead or gathered from the row held in registers, and whether the
+    next tile's K/V is loaded ahead change no arithmetic: the seven variants agree bit for
     bit and with the reference, with padding sequences in the middle and at the end, a window, block_size 3
     (a tile's ids span several blocks, the prefetch crosses block boundaries) and split-K."""
     gen = torch.Generator().manual_seed(11)
@@ -199,6 +200,12 @@ def test_kernel_sequence_search_and_table_prefetch_change_nothing(partition: int
                                          seq_search=search, prefetch_table=prefetch)
             check(got, case, 0.2, 9, torch.float32)
             outs.append(got)
+    # the block-table row in registers and the K/V of the next tile loaded ahead: no arithmetic changes either
+    for in_regs, prefetch_kv in ((True, False), (False, True), (True, True)):
+        got = paged_varlen_attention(*case.args(), 0.2, 3, 9, block_n=16, partition_size=partition,
+                                     table_in_registers=in_regs, prefetch_kv=prefetch_kv)
+        check(got, case, 0.2, 9, torch.float32)
+        outs.append(got)
     for other in outs[1:]:
         assert torch.equal(other, outs[0])
     with pytest.raises(ValueError, match="seq_search"):

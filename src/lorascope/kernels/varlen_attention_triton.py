@@ -80,7 +80,12 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _PARTIAL_BYTES = 64 << 20  # split-K partials (float32 m, l, acc) stay under this
 # How a program finds its sequence and whether it loads a K/V tile's block ids one tile ahead (the
 # module docstring); a dict so benchmarks can A/B them on captured steps (benchmarks/gpu_step_ab.py).
-TUNING: dict[str, str | bool] = {"seq_search": "vector", "prefetch_table": False}
+# `table_in_registers` loads a program's whole block-table row (up to _MAX_TABLE_REGS entries) once, before the
+# loop, and takes each tile's ids from it by a register gather (no load inside the loop's address chain);
+# `prefetch_kv` loads the next tile's K/V before the current tile's dots (a software pipeline by hand).
+TUNING: dict[str, str | bool] = {"seq_search": "vector", "prefetch_table": False, "table_in_registers": False,
+                                 "prefetch_kv": False}
+_MAX_TABLE_REGS = 256
 
 
 def default_block_n(head_dim: int) -> int:
@@ -256,6 +261,8 @@ def paged_varlen_attention(
     num_stages: int | None = None,
     seq_search: str | None = None,
     prefetch_table: bool | None = None,
+    table_in_registers: bool | None = None,
+    prefetch_kv: bool | None = None,
 ) -> torch.Tensor:
     """Attention of a step's new tokens (any mix of prefill chunks and decode tokens); returns out [T, H, D].
 
@@ -266,7 +273,8 @@ def paged_varlen_attention(
     of two >= 16), partition_size ("auto", None: single pass, or a multiple of block_n: split-K),
     num_warps and num_stages (Triton's software pipelining depth; None: Triton's default) override the
     shape-derived defaults (benchmarks, tuning); seq_search ("vector" or "binary": how a program finds
-    its sequence) and prefetch_table (block ids loaded one K/V tile ahead) override `TUNING`. No host sync,
+    its sequence), prefetch_table (block ids loaded one K/V tile ahead), table_in_registers and prefetch_kv
+    override `TUNING` (none changes the arithmetic). No host sync,
     and the launch depends only on shapes: capturable in a CUDA graph.
     """
     if not HAS_TRITON:
@@ -296,6 +304,11 @@ def paged_varlen_attention(
     prefetch_table = TUNING["prefetch_table"] if prefetch_table is None else prefetch_table
     if seq_search not in ("vector", "binary"):
         raise ValueError(f"seq_search must be 'vector' or 'binary', got {seq_search!r}")
+    table_in_registers = TUNING["table_in_registers"] if table_in_registers is None else table_in_registers
+    prefetch_kv = TUNING["prefetch_kv"] if prefetch_kv is None else prefetch_kv
+    table_pad = _next_pow2(block_tables.shape[1]) if table_in_registers else 0
+    if table_pad > _MAX_TABLE_REGS:
+        table_pad = 0  # a table this wide stays in memory
     tiles = num_tiles(tokens, capacity, block_m)
     max_context = block_tables.shape[1] * block_size
     if partition_size == "auto":
@@ -361,7 +374,9 @@ def paged_varlen_attention(
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
         UPCAST=upcast,
-        PREFETCH_TABLE=prefetch_table,
+        PREFETCH_TABLE=bool(prefetch_table) and not table_pad and not prefetch_kv,
+        TABLE_PAD=table_pad,
+        PREFETCH_KV=bool(prefetch_kv),
         **consts,
         **launch,
     )
@@ -570,6 +585,8 @@ if HAS_TRITON:
         UPCAST: tl.constexpr,
         SEQ_PAD: tl.constexpr,
         PREFETCH_TABLE: tl.constexpr,
+        TABLE_PAD: tl.constexpr,
+        PREFETCH_KV: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -612,22 +629,52 @@ if HAS_TRITON:
             bt_row = bt_ptr + s.to(tl.int64) * sbt_s
             k_base = k_ptr + kvh * sk_h + offs_d[None, :] * sk_d
             v_base = v_ptr + kvh * sv_h + offs_d[None, :] * sv_d
+            if TABLE_PAD > 0:  # the row's used entries, once: tiles gather their ids from registers
+                offs_b = tl.arange(0, TABLE_PAD)
+                n_used = tl.cdiv(p_end, BLOCK_SIZE)
+                table = tl.load(bt_row + offs_b * sbt_n, mask=offs_b < n_used, other=0)
             if PREFETCH_TABLE:
                 j = t_first + tl.arange(0, BLOCK_N)
                 blk_next = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=(j >= first) & (j < p_end), other=0)
-            for t in range(t_first, p_end, BLOCK_N):  # bounds live on the device: no host sync
-                j = t + tl.arange(0, BLOCK_N)
-                j_ok = (j >= first) & (j < p_end)  # < seq_len: the table is read at used entries only
-                if PREFETCH_TABLE:  # this tile's block ids were loaded one tile ahead
-                    blk = blk_next.to(tl.int64)
+            if PREFETCH_KV:  # the first tile's K/V before the loop
+                j = t_first + tl.arange(0, BLOCK_N)
+                j_ok = (j >= first) & (j < p_end)
+                if TABLE_PAD > 0:
+                    blk = tl.gather(table, tl.where(j_ok, j // BLOCK_SIZE, 0), 0).to(tl.int64)
                 else:
                     blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
                 rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
-                k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
-                v = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
-                if PREFETCH_TABLE:  # the next tile's block ids, in flight beside this tile's K/V
+                k_next = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)
+                v_next = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
+            for t in range(t_first, p_end, BLOCK_N):  # bounds live on the device: no host sync
+                j = t + tl.arange(0, BLOCK_N)
+                j_ok = (j >= first) & (j < p_end)  # < seq_len: the table is read at used entries only
+                if PREFETCH_KV:  # this tile's K/V came in during the last tile's dots; start the next one's
+                    k = k_next
+                    v = v_next
                     jn = j + BLOCK_N
-                    blk_next = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=(jn >= first) & (jn < p_end), other=0)
+                    jn_ok = (jn >= first) & (jn < p_end)
+                    if TABLE_PAD > 0:
+                        blk_n = tl.gather(table, tl.where(jn_ok, jn // BLOCK_SIZE, 0), 0).to(tl.int64)
+                    else:
+                        blk_n = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=jn_ok, other=0).to(tl.int64)
+                    rows_n = blk_n * BLOCK_SIZE + (jn % BLOCK_SIZE)
+                    k_next = tl.load(k_base + rows_n[:, None] * sk_r, mask=jn_ok[:, None], other=0.0)
+                    v_next = tl.load(v_base + rows_n[:, None] * sv_r, mask=jn_ok[:, None], other=0.0)
+                else:
+                    if TABLE_PAD > 0:
+                        blk = tl.gather(table, tl.where(j_ok, j // BLOCK_SIZE, 0), 0).to(tl.int64)
+                    elif PREFETCH_TABLE:  # this tile's block ids were loaded one tile ahead
+                        blk = blk_next.to(tl.int64)
+                    else:
+                        blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
+                    rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
+                    k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
+                    v = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
+                    if PREFETCH_TABLE:  # the next tile's block ids, in flight beside this tile's K/V
+                        jn = j + BLOCK_N
+                        blk_next = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=(jn >= first) & (jn < p_end),
+                                           other=0)
                 if UPCAST:
                     sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
                 else:
