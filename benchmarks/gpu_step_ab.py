@@ -5,7 +5,7 @@ beside the base GEMM on a second stream (`overlap`, the default) against after i
 no prefetch: the kernel before 2026-12-06), `attn-vector` (vector search only), `attn-prefetch`
 (prefetch only), `attn-both` (both); the other variants run the kernel's default (`TUNING`: vector search, no
 prefetch). `lora-fused` / `lora-grouped`: the q/k/v and gate/up LoRA folded into the norm and rotary / SiLU
-kernels (model/layers.py `LORA_FUSION`, the default) against the grouped shrink + expand launches; these
+kernels (model/layers.py `LORA_FUSION`, at most 256 tokens) against the grouped shrink + expand launches; these
 two differ in float32 summation order, so their tokens may differ.
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
@@ -41,7 +41,7 @@ ATTN = {
 }
 ATTN_DEFAULT = dict(varlen.TUNING)
 FUSION_DEFAULT = dict(layers.LORA_FUSION)
-LORA = {"lora-fused": FUSION_DEFAULT, "lora-grouped": {"max_tokens": 0}}
+LORA = {"lora-fused": {"max_tokens": 256}, "lora-grouped": {"max_tokens": 0}}
 
 
 def main() -> None:

@@ -29,7 +29,9 @@ from lorascope import LLM, SamplingParams
 from lorascope.adapters.synthetic import make_adapters
 
 from pathlib import Path
+import lorascope.model.layers as layers
 model, root = sys.argv[1], Path(sys.argv[2])
+layers.LORA_FUSION["max_tokens"] = int(sys.argv[3])  # q/k/v, gate/up LoRA fused into the norm/rotary/SiLU kernels
 names = [p.name for p in make_adapters(root, model, 4, [8, 16], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                    "up_proj", "down_proj"], seed=5)] + [None]
 gen = torch.Generator().manual_seed(2)
@@ -50,10 +52,12 @@ print("RESULT" + json.dumps(out))
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter)")
-@pytest.mark.parametrize("model", ["tiny", "tiny-qwen2"])
-def test_gpu_step_path_under_the_interpreter_matches_the_cpu_path(tmp_path: Path, model: str) -> None:
+@pytest.mark.parametrize("model,fused_lora", [("tiny", 256), ("tiny-qwen2", 256), ("tiny", 0)])
+def test_gpu_step_path_under_the_interpreter_matches_the_cpu_path(tmp_path: Path, model: str, fused_lora: int) -> None:
+    """fused_lora: layers.LORA_FUSION's max_tokens (256: every step here folds the q/k/v and gate/up LoRA into
+    the fused kernels; 0: the grouped LoRA kernels everywhere)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, model, str(tmp_path / "adapters")], env=env,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, model, str(tmp_path / "adapters"), str(fused_lora)], env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -206,8 +207,10 @@ OVERLAP_MAX_TOKENS = 8
 # their GEMM (`fused_lora`): the shrink into the norm before it, the expand into the rotary / SiLU kernel
 # after it, which removes the two grouped launches per group. Each token re-reads its adapter's A rows
 # (from L2 after the first token of a segment), so long prefill chunks keep the grouped kernels, whose
-# 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off).
-LORA_FUSION: dict[str, int] = {"max_tokens": 256}
+# 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). Off by default:
+# tested against the grouped kernels under Triton's interpreter, not yet timed (or compiled) on a GPU
+# (benchmarks/RESULTS.md, 2026-12-06 session 9); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it for a process.
+LORA_FUSION: dict[str, int] = {"max_tokens": int(os.environ.get("LORASCOPE_FUSED_LORA_MAX_TOKENS", "0"))}
 
 
 def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> fused_triton.FusedLoRA | None:
