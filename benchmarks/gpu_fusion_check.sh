@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call that decides the two knobs added on 2026-12-06 (session 9), in order of what matters:
+#   1. the fused kernels compile and match the grouped ones natively (tests/kernels/test_fused_triton.py,
+#      and the CUDA-graph engine test with the fusion on: its tokens against HF + PEFT in float32);
+#   2. the captured batch-32 decode step, fused LoRA against grouped, twice interleaved (gpu_step_ab.py);
+#   3. the attention and LoRA kernel variants (gpu_kernel_probe.py: table_in_registers, prefetch_kv, ...);
+#   4. the c=32 seed cells (N=1 and N=1000 uniform) with the fusion on, then off, in one process each.
+# Run from the repository root on the device:  bash benchmarks/gpu_fusion_check.sh   (writes under $OUT)
+set -u
+out="${OUT:-/tmp/out}"
+mkdir -p "$out"
+export PYTHONPATH=src
+nvidia-smi --query-gpu=name --format=csv,noheader | tee "$out/device.txt"
+git log --oneline -1 | tee "$out/commit.txt"
+
+LORASCOPE_FUSED_LORA_MAX_TOKENS=256 timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+    tests/kernels/test_fused_triton.py tests/engine/test_cuda_graphs.py > "$out/tests.log" 2>&1
+echo "tests rc $?"; tail -2 "$out/tests.log"
+
+timeout 300 python3 benchmarks/gpu_step_ab.py --out "$out/step_ab.json" \
+    --variants lora-fused,lora-grouped,lora-fused,lora-grouped > "$out/step_ab.log" 2>&1
+echo "step_ab rc $?"; grep -o '"variant": "[a-z-]*", "decode_ms": [0-9.]*' "$out/step_ab.log"
+
+timeout 240 python3 benchmarks/gpu_kernel_probe.py --out "$out/probe.json" > "$out/probe.log" 2>&1
+echo "probe rc $?"; grep -o '"kernel".*"us_per_call": [0-9.]*' "$out/probe.log" | cut -c1-160
+
+for fused in 256 0; do
+    LORASCOPE_FUSED_LORA_MAX_TOKENS=$fused timeout 300 python3 benchmarks/gpu_seed.py --out "$out/seed_fused$fused" \
+        --budget-s 240 --requests-scale 1.5 --only 'main/n1-uniform-c32|main/n1000-uniform-c32' \
+        > "$out/seed_fused$fused.log" 2>&1
+    echo "seed (fused max_tokens $fused) rc $?"; tail -8 "$out/seed_fused$fused.log"
+done
