@@ -210,7 +210,15 @@ OVERLAP_MAX_TOKENS = 8
 # 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). Off by default:
 # tested against the grouped kernels under Triton's interpreter, not yet timed (or compiled) on a GPU
 # (benchmarks/RESULTS.md, 2026-12-06 session 9); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it for a process.
-LORA_FUSION: dict[str, int] = {"max_tokens": int(os.environ.get("LORASCOPE_FUSED_LORA_MAX_TOKENS", "0"))}
+def _fusion_max_tokens(env: str | None) -> int:
+    if env is None or env == "":
+        return 0
+    if not env.isdigit():
+        raise ValueError(f"LORASCOPE_FUSED_LORA_MAX_TOKENS must be a token count (0 turns the fusion off), got {env!r}")
+    return int(env)
+
+
+LORA_FUSION: dict[str, int] = {"max_tokens": _fusion_max_tokens(os.environ.get("LORASCOPE_FUSED_LORA_MAX_TOKENS"))}
 
 
 def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> fused_triton.FusedLoRA | None:
@@ -348,10 +356,10 @@ class DecoderLayer(nn.Module):
         layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
         layer's MLP output, which the next layer (or the final norm) adds."""
         tokens = x.shape[0]
-        a = self._norm(x, delta, self.input_layernorm, fused_lora(self.self_attn.qkv, ctx, tokens))
-        a = self.self_attn(a[0], positions, ctx, fused=True, lora=a[1])
-        h = self._norm(x, a, self.post_attention_layernorm, fused_lora(self.mlp.gate_up, ctx, tokens))
-        return self.mlp(h[0], ctx, fused=True, lora=h[1])
+        h, qkv_lora = self._norm(x, delta, self.input_layernorm, fused_lora(self.self_attn.qkv, ctx, tokens))
+        a = self.self_attn(h, positions, ctx, fused=True, lora=qkv_lora)
+        h, gate_up_lora = self._norm(x, a, self.post_attention_layernorm, fused_lora(self.mlp.gate_up, ctx, tokens))
+        return self.mlp(h, ctx, fused=True, lora=gate_up_lora)
 
     @staticmethod
     def _norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, lora: fused_triton.FusedLoRA | None
