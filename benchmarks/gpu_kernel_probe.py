@@ -11,15 +11,20 @@ Timing: per variant, 32 calls on 32 layers' distinct tensors (L2 holds none of t
 captured in one CUDA graph and replayed; microseconds per call, the inter-kernel gap included. Every
 variant's output is checked against the default's (attention: max abs error < 2e-2; LoRA: the float32
 torch reference, relative error < 2e-2). `--ncu` runs each default kernel a few times eagerly, untimed,
-for a profiler to attach to.
+for a profiler to attach to. `--dry-run`: the same variants and checks at tiny shapes on the CPU under
+Triton's interpreter (2 layers, no graphs, no timing): catches a broken variant before device time is spent.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+if "--dry-run" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
 
 import torch
 
@@ -27,6 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_varlen_attention import import_kernels
 
 LAYERS = 32
+DEV = "cuda"
+# the shapes: Llama-3.1-8B's, or tiny ones for --dry-run
+SHAPE = {"seqs": 32, "heads": 32, "kv_heads": 8, "head_dim": 128, "fan_in": 4096, "q_out": 4096, "v_out": 1024,
+         "slots": 512, "ctxs": (192, 256), "max_blocks": 128}
+TINY = {"seqs": 3, "heads": 4, "kv_heads": 2, "head_dim": 16, "fan_in": 64, "q_out": 64, "v_out": 32, "slots": 12,
+        "ctxs": (40,), "max_blocks": 4}
 ATTN_VARIANTS: list[dict] = [
     {},
     {"block_n": 32},
@@ -62,6 +73,9 @@ LORA_VARIANTS: list[dict] = [
 
 
 def replay_us(fn, calls: int, n: int = 30) -> float:
+    if DEV == "cpu":  # --dry-run: checks only
+        fn()
+        return float("nan")
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -84,42 +98,43 @@ def replay_us(fn, calls: int, n: int = 30) -> float:
 
 def attention_cases(kvar, ctx: int) -> tuple[list, list]:
     """32 layers' (q, k_cache, v_cache) and the shared metadata, for 32 decodes of context ctx."""
-    seqs, heads, kv_heads, head_dim, block_size = 32, 32, 8, 128, 16
+    seqs, heads, kv_heads, head_dim, block_size = SHAPE["seqs"], SHAPE["heads"], SHAPE["kv_heads"], SHAPE["head_dim"], 16
     need = -(-ctx // block_size)
     num_blocks = seqs * need + 8
     gen = torch.Generator().manual_seed(ctx)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [perm[i * need : (i + 1) * need] for i in range(seqs)]
     # the engine's table width: max_model_len 2048 / 16
-    meta = kvar.varlen_metadata([1] * seqs, [ctx] * seqs, tables, block_size, seqs, "cuda", max_blocks=128)
+    meta = kvar.varlen_metadata([1] * seqs, [ctx] * seqs, tables, block_size, seqs, DEV, max_blocks=SHAPE["max_blocks"])
     layers = []
     for _ in range(LAYERS):
-        k = (torch.randn(num_blocks * block_size, kv_heads, head_dim, device="cuda") * 0.5).bfloat16()
-        v = torch.randn(num_blocks * block_size, kv_heads, head_dim, device="cuda").bfloat16()
-        q = torch.randn(seqs, heads, head_dim, device="cuda").bfloat16()
+        k = (torch.randn(num_blocks * block_size, kv_heads, head_dim, device=DEV) * 0.5).bfloat16()
+        v = torch.randn(num_blocks * block_size, kv_heads, head_dim, device=DEV).bfloat16()
+        q = torch.randn(seqs, heads, head_dim, device=DEV).bfloat16()
         layers.append((q, k, v, torch.empty_like(q)))
     return layers, [meta.q_start, meta.q_len, meta.seq_lens, meta.block_tables]
 
 
 def lora_cases(ktri):
-    fan_in, shapes, slots, rank = 4096, {"q_proj": 4096, "v_proj": 1024}, 512, 16
-    segments = [(i, i + 1, i * (slots // 32)) for i in range(32)]
+    fan_in, shapes, slots, rank = SHAPE["fan_in"], {"q_proj": SHAPE["q_out"], "v_proj": SHAPE["v_out"]}, SHAPE["slots"], 16
+    seqs = SHAPE["seqs"]
+    segments = [(i, i + 1, i * (slots // seqs)) for i in range(seqs)]
     ranks = {m: [rank] * slots for m in shapes}
     scales = {m: [2.0] * slots for m in shapes}
-    meta = ktri.LoRAMeta.build([], ranks, scales, "cuda", capacity=32, max_len_bound=32)
+    meta = ktri.LoRAMeta.build([], ranks, scales, DEV, capacity=seqs, max_len_bound=seqs)
     meta.update(segments, ranks, scales)
     active = [s for _, _, s in segments]
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(32, fan_in, device="cuda", generator=gen).bfloat16()
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    x = torch.randn(seqs, fan_in, device=DEV, generator=gen).bfloat16()
     layers = []
     for _ in range(LAYERS):
         w = {}
         for m, n in shapes.items():
-            a = torch.zeros((slots, rank, fan_in), dtype=torch.bfloat16, device="cuda")
-            b = torch.zeros((slots, n, rank), dtype=torch.bfloat16, device="cuda")
-            a[active] = (torch.randn(32, rank, fan_in, generator=gen, device="cuda") * fan_in**-0.5).bfloat16()
-            b[active] = (torch.randn(32, n, rank, generator=gen, device="cuda") * rank**-0.5).bfloat16()
-            w[m] = (a, b, torch.zeros(32, n, dtype=torch.bfloat16, device="cuda"))
+            a = torch.zeros((slots, rank, fan_in), dtype=torch.bfloat16, device=DEV)
+            b = torch.zeros((slots, n, rank), dtype=torch.bfloat16, device=DEV)
+            a[active] = (torch.randn(seqs, rank, fan_in, generator=gen, device=DEV) * fan_in**-0.5).bfloat16()
+            b[active] = (torch.randn(seqs, n, rank, generator=gen, device=DEV) * rank**-0.5).bfloat16()
+            w[m] = (a, b, torch.zeros(seqs, n, dtype=torch.bfloat16, device=DEV))
         layers.append(w)
     return x, layers, meta, active
 
@@ -136,16 +151,21 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--ncu", action="store_true", help="run the default kernels eagerly for ncu; no timing")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, Triton's interpreter: checks only")
     args = ap.parse_args()
+    global DEV, LAYERS
+    if args.dry_run:
+        DEV, LAYERS = "cpu", 2
+        SHAPE.update(TINY)
     if not args.ncu and args.out is None:
         ap.error("--out is needed unless --ncu")
     _katt, _kdec, kvar = import_kernels()
     import importlib
 
     ktri = importlib.import_module("lorascope.kernels.lora_triton")
-    scale = 128**-0.5
+    scale = SHAPE["head_dim"] ** -0.5
     rows, failures = [], []
-    for ctx in (192, 256):
+    for ctx in SHAPE["ctxs"]:
         layers, meta = attention_cases(kvar, ctx)
         ref = None
         for variant in [{}] if args.ncu else ATTN_VARIANTS:
@@ -195,14 +215,15 @@ def main() -> int:
         if err > 2e-2:
             failures.append(f"lora {variant}: relative error {err:.2e} against the reference")
         us = replay_us(lstep, LAYERS)
-        plan = ktri.launch_plan(32, 4096, [4096, 1024], meta["q_proj"], **variant)
+        plan = ktri.launch_plan(SHAPE["seqs"], SHAPE["fan_in"], [SHAPE["q_out"], SHAPE["v_out"]], meta["q_proj"], **variant)
         rows.append({"kernel": "lora_qv", **variant, "us_per_call": us, "rel_err": err, "split": plan.split,
                      "programs": plan.programs})
         print(json.dumps(rows[-1]), flush=True)
     if args.ncu:
         return 0
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    device = torch.cuda.get_device_name() if DEV == "cuda" else "cpu (Triton interpreter, tiny shapes)"
+    args.out.write_text(json.dumps({"device": device, "torch": torch.__version__,
                                     "rows": rows, "failures": failures}, indent=1))
     for f in failures:
         print("FAIL", f, file=sys.stderr)

@@ -13,6 +13,7 @@ shuffled, so reading a wrong row (or a padding table entry) shows as NaN.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -321,6 +322,22 @@ def test_kernel_benchmark_dry_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert bench.main(["--out", str(out), "--device", DEVICE, "--dry-run"]) == 0
     assert out.exists()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton (its interpreter)")
+def test_probe_dry_run_checks_every_variant(tmp_path: Path) -> None:
+    """benchmarks/gpu_kernel_probe.py --dry-run (tiny shapes, interpreter): every attention and LoRA variant
+    it would time on the device runs and agrees with the default / the reference, so no device time goes to
+    a broken variant."""
+    out = tmp_path / "probe.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_kernel_probe.py"), "--dry-run", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["failures"] == []
+    kinds = [r["kernel"] for r in data["rows"]]
+    assert kinds.count("attention") >= 15 and kinds.count("lora_qv") >= 10, kinds
+    assert any(r.get("table_in_registers") and r.get("prefetch_kv") for r in data["rows"])
 
 
 @pytest.mark.gpu
