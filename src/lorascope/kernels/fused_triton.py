@@ -348,14 +348,14 @@ if HAS_TRITON:
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         if LORA:  # gate (member 0) and up (member 1) get their deltas, rounded as the grouped expand's y
-            s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
-            slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
+            sidx, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+            slot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
             if U0 >= 0:
-                rank = tl.where(found, tl.load(r0_ptr + s), 0)
+                rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
                 d = _expand_cols(lu_ptr + U0 * su_m + row * su_t, b0_ptr, slot, rank, cols, mask, sb0_s, sb_n, R)
                 g = _round_to(g + d, dtype, BF16)
             if U1 >= 0:
-                rank = tl.where(found, tl.load(r1_ptr + s), 0)
+                rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
                 d = _expand_cols(lu_ptr + U1 * su_m + row * su_t, b1_ptr, slot, rank, cols, mask, sb1_s, sb_n, R)
                 u = _round_to(u + d, dtype, BF16)
         s = _round_to(g / (1.0 + tl.exp(-g)), dtype, BF16)
