@@ -103,15 +103,12 @@ def fusable(lora: FusedLoRA) -> str | None:
     return None
 
 
-def _lora_pointers(lora: FusedLoRA, members: int) -> tuple[list, list, list, list]:
-    """Per group member (padded to 3): A, B, rank, scale pointers (member 0's where absent: never read)."""
+def _lora_pointers(lora: FusedLoRA, members: int) -> tuple[list, list]:
+    """Per group member (padded to 3): B and rank tensors (the first present member's where a member has no
+    LoRA weights: its constexpr plane index is -1, so they are never read)."""
     first = lora.present[0]
     mods = [*lora.modules, *[None] * (3 - members)]
-    a = [(m or first).a for m in mods]
-    b = [(m or first).b for m in mods]
-    rank = [(m or first).rank for m in mods]
-    scale = [(m or first).scale for m in mods]
-    return a, b, rank, scale
+    return [(m or first).b for m in mods], [(m or first).rank for m in mods]
 
 
 def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
@@ -132,12 +129,10 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
     u = torch.empty((len(present), t, r_pad), dtype=weight.dtype, device=residual.device)
     if t == 0:
         return out, lora.with_u(u)
-    a, _, rank, scale = _lora_pointers(lora, len(lora.modules))
-    # present members first, in order: the kernel's modules 0..M-1
-    order = [i for i, m in enumerate(lora.modules) if m is not None]
-    a = [a[i] for i in order] + [a[order[0]]] * (3 - len(order))
-    rank = [rank[i] for i in order] + [rank[order[0]]] * (3 - len(order))
-    scale = [scale[i] for i in order] + [scale[order[0]]] * (3 - len(order))
+    # the kernel's modules 0..M-1 are the present members in group order (u's planes); unused slots repeat
+    # the first (never read)
+    pad = [*present, *[present[0]] * (3 - len(present))]
+    a, rank, scale = [m.a for m in pad], [m.rank for m in pad], [m.scale for m in pad]
     block = _next_pow2(h)
     chunk = max(128, min(block, 16384 // r_pad))
     seg = lora.seg
@@ -147,7 +142,7 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
         a[0], a[1], a[2], u, seg, rank[0], rank[1], rank[2], scale[0], scale[1], scale[2],
         seg.stride(0), seg.shape[1], a[0].stride(0), a[0].stride(1), u.stride(0), u.stride(1),
         HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
-        LORA_M=len(order), R=r_pad, CHUNK=chunk, SEG_PAD=_next_pow2(seg.shape[1]),
+        LORA_M=len(present), R=r_pad, CHUNK=chunk, SEG_PAD=_next_pow2(seg.shape[1]),
         num_warps=16,
     )
     return out, lora.with_u(u)
@@ -169,7 +164,10 @@ def _lora_launch_args(lora: FusedLoRA | None, members: int, ref: torch.Tensor) -
         return dummy, {"LORA": False, "U0": -1, "U1": -1, "U2": -1, "R": 16, "SEG_PAD": 1}
     if (why := fusable(lora)) is not None or lora.u is None:
         raise ValueError(f"fused LoRA expand: {why or 'no u (run add_rmsnorm_shrink first)'}")
-    _, b, rank, _ = _lora_pointers(lora, members)
+    if len(lora.modules) != members:
+        raise ValueError(f"fused LoRA expand: this kernel adds {members} modules' deltas (q/k/v: 3, gate/up: 2), "
+                         f"got a group of {len(lora.modules)}")
+    b, rank = _lora_pointers(lora, members)
     seg, u = lora.seg, lora.u
     idx = [lora.index(i) if i < members else -1 for i in range(3)]
     args = [u, b[0], b[1], b[2], rank[0], rank[1], rank[2], seg, seg.stride(0), seg.shape[1], u.stride(0), u.stride(1),
