@@ -534,6 +534,22 @@ if HAS_TRITON:
         return s_safe, q0, ql, ctx0, i0, first, last, (s >= 0) & (i0 < ql)
 
     @triton.jit
+    def _kv_tile(start, first, p_end, table, bt_row, sbt_n, k_base, v_base, sk_r, sv_r, BLOCK_N: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, TABLE_PAD: tl.constexpr):
+        """K and V [BLOCK_N, D] at positions start .. start + BLOCK_N - 1 (zeros outside [first, p_end)); the
+        block ids gathered from `table` (the row in registers) with TABLE_PAD, else loaded from the table."""
+        j = start + tl.arange(0, BLOCK_N)
+        j_ok = (j >= first) & (j < p_end)
+        if TABLE_PAD > 0:
+            blk = tl.gather(table, tl.where(j_ok, j // BLOCK_SIZE, 0), 0).to(tl.int64)
+        else:
+            blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
+        rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
+        k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)
+        v = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
     def _varlen_kernel(
         q_ptr,
         k_ptr,
@@ -629,52 +645,33 @@ if HAS_TRITON:
             bt_row = bt_ptr + s.to(tl.int64) * sbt_s
             k_base = k_ptr + kvh * sk_h + offs_d[None, :] * sk_d
             v_base = v_ptr + kvh * sv_h + offs_d[None, :] * sv_d
-            if TABLE_PAD > 0:  # the row's used entries, once: tiles gather their ids from registers
+            table = 0  # with TABLE_PAD: the row's used entries, once; tiles gather their ids from registers
+            if TABLE_PAD > 0:
                 offs_b = tl.arange(0, TABLE_PAD)
-                n_used = tl.cdiv(p_end, BLOCK_SIZE)
-                table = tl.load(bt_row + offs_b * sbt_n, mask=offs_b < n_used, other=0)
+                table = tl.load(bt_row + offs_b * sbt_n, mask=offs_b < tl.cdiv(p_end, BLOCK_SIZE), other=0)
             if PREFETCH_TABLE:
                 j = t_first + tl.arange(0, BLOCK_N)
                 blk_next = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=(j >= first) & (j < p_end), other=0)
             if PREFETCH_KV:  # the first tile's K/V before the loop
-                j = t_first + tl.arange(0, BLOCK_N)
-                j_ok = (j >= first) & (j < p_end)
-                if TABLE_PAD > 0:
-                    blk = tl.gather(table, tl.where(j_ok, j // BLOCK_SIZE, 0), 0).to(tl.int64)
-                else:
-                    blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
-                rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
-                k_next = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)
-                v_next = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
+                k_next, v_next = _kv_tile(t_first, first, p_end, table, bt_row, sbt_n, k_base, v_base, sk_r, sv_r,
+                                          BLOCK_N, BLOCK_SIZE, TABLE_PAD)
             for t in range(t_first, p_end, BLOCK_N):  # bounds live on the device: no host sync
                 j = t + tl.arange(0, BLOCK_N)
                 j_ok = (j >= first) & (j < p_end)  # < seq_len: the table is read at used entries only
                 if PREFETCH_KV:  # this tile's K/V came in during the last tile's dots; start the next one's
                     k = k_next
                     v = v_next
-                    jn = j + BLOCK_N
-                    jn_ok = (jn >= first) & (jn < p_end)
-                    if TABLE_PAD > 0:
-                        blk_n = tl.gather(table, tl.where(jn_ok, jn // BLOCK_SIZE, 0), 0).to(tl.int64)
-                    else:
-                        blk_n = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=jn_ok, other=0).to(tl.int64)
-                    rows_n = blk_n * BLOCK_SIZE + (jn % BLOCK_SIZE)
-                    k_next = tl.load(k_base + rows_n[:, None] * sk_r, mask=jn_ok[:, None], other=0.0)
-                    v_next = tl.load(v_base + rows_n[:, None] * sv_r, mask=jn_ok[:, None], other=0.0)
-                else:
-                    if TABLE_PAD > 0:
-                        blk = tl.gather(table, tl.where(j_ok, j // BLOCK_SIZE, 0), 0).to(tl.int64)
-                    elif PREFETCH_TABLE:  # this tile's block ids were loaded one tile ahead
-                        blk = blk_next.to(tl.int64)
-                    else:
-                        blk = tl.load(bt_row + (j // BLOCK_SIZE) * sbt_n, mask=j_ok, other=0).to(tl.int64)
-                    rows = blk * BLOCK_SIZE + (j % BLOCK_SIZE)
-                    k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)  # [BLOCK_N, D]
+                    k_next, v_next = _kv_tile(t + BLOCK_N, first, p_end, table, bt_row, sbt_n, k_base, v_base, sk_r,
+                                              sv_r, BLOCK_N, BLOCK_SIZE, TABLE_PAD)
+                elif not PREFETCH_TABLE:
+                    k, v = _kv_tile(t, first, p_end, table, bt_row, sbt_n, k_base, v_base, sk_r, sv_r, BLOCK_N,
+                                    BLOCK_SIZE, TABLE_PAD)  # [BLOCK_N, D] each
+                else:  # this tile's block ids were loaded one tile ahead
+                    rows = blk_next.to(tl.int64) * BLOCK_SIZE + (j % BLOCK_SIZE)
+                    k = tl.load(k_base + rows[:, None] * sk_r, mask=j_ok[:, None], other=0.0)
                     v = tl.load(v_base + rows[:, None] * sv_r, mask=j_ok[:, None], other=0.0)
-                    if PREFETCH_TABLE:  # the next tile's block ids, in flight beside this tile's K/V
-                        jn = j + BLOCK_N
-                        blk_next = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=(jn >= first) & (jn < p_end),
-                                           other=0)
+                    jn = j + BLOCK_N  # the next tile's block ids, in flight beside this tile's K/V
+                    blk_next = tl.load(bt_row + (jn // BLOCK_SIZE) * sbt_n, mask=(jn >= first) & (jn < p_end), other=0)
                 if UPCAST:
                     sc = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
                 else:
