@@ -167,11 +167,12 @@ def _lora_layer(dtype: torch.dtype):
 
 @kernel_test
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("splits", [1, 4])
+def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype, splits: int) -> None:
     """The shrink folded into add_rmsnorm and the expand into rotary / SiLU give what the grouped LoRA
     kernels give between the unfused norm, rotary and SiLU kernels: q, the K/V cache rows, SiLU's output,
-    and u against A @ h in float64."""
-    from lorascope.kernels.fused_triton import FusedLoRA, LoRAModule, add_rmsnorm_shrink
+    and u against A @ h in float64; with the row's shrink in one program and split over four."""
+    from lorascope.kernels.fused_triton import FusedLoRA, LoRAModule, add_rmsnorm_shrink, shrunk_u
     from lorascope.kernels.lora_triton import lora_multi_triton
 
     L = _lora_layer(dtype)
@@ -194,7 +195,7 @@ def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype) -> No
         caches = [torch.full((rows, kv_heads, d), float("nan"), dtype=dtype, device=DEVICE) for _ in range(2)]
         qkv_lora = FusedLoRA((mod("q_proj"), None, mod("v_proj")), meta["q_proj"].seg)
         if fused:
-            h, qkv_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, qkv_lora)
+            res, h, qkv_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, qkv_lora, splits)
         else:
             h = add_rmsnorm(res, L["delta"], L["norm_w"], 1e-5)
         q, k, v = (h @ w[m].T for m in ("q_proj", "k_proj", "v_proj"))
@@ -205,7 +206,7 @@ def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype) -> No
                        caches[0], caches[1], lora=qkv_lora if fused else None)
         gu_lora = FusedLoRA((mod("gate_proj"), mod("up_proj")), meta["gate_proj"].seg)
         if fused:
-            h2, gu_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, gu_lora)
+            res, h2, gu_lora = add_rmsnorm_shrink(res, L["delta"], L["norm_w"], 1e-5, gu_lora, splits)
         else:
             h2 = add_rmsnorm(res, L["delta"], L["norm_w"], 1e-5)
         gate, up = h2 @ w["gate_proj"].T, h2 @ w["up_proj"].T
@@ -221,7 +222,8 @@ def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype) -> No
                 for start, end, slot in L["segments"]:
                     r = L["ranks"][m][slot]
                     want[start:end, :r] = L["scales"][m][slot] * (h[start:end].double().cpu() @ a[m][slot, :r].double().cpu().T)
-                got = qkv_lora.u[plane].double().cpu()
+                assert qkv_lora.u.shape[0] == splits
+                got = shrunk_u(qkv_lora, plane, dtype).double().cpu()
                 assert got[3].abs().max() == 0, "the base token (no segment) got a shrink"
                 torch.testing.assert_close(got, want, rtol=1e-2 if dtype != torch.float32 else 1e-5,
                                            atol=1e-2 if dtype != torch.float32 else 1e-5)

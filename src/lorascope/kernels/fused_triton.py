@@ -103,20 +103,33 @@ def fusable(lora: FusedLoRA) -> str | None:
     return None
 
 
-def _lora_pointers(lora: FusedLoRA, members: int) -> tuple[list, list]:
-    """Per group member (padded to 3): B and rank tensors (the first present member's where a member has no
-    LoRA weights: its constexpr plane index is -1, so they are never read)."""
+def _lora_pointers(lora: FusedLoRA, members: int) -> tuple[list, list, list]:
+    """Per group member (padded to 3): B, rank and scale tensors (the first present member's where a member
+    has no LoRA weights: its constexpr plane index is -1, so they are never read)."""
     first = lora.present[0]
-    mods = [*lora.modules, *[None] * (3 - members)]
-    return [(m or first).b for m in mods], [(m or first).rank for m in mods]
+    mods = [(m or first) for m in [*lora.modules, *[None] * (3 - members)]]
+    return [m.b for m in mods], [m.rank for m in mods], [m.scale for m in mods]
+
+
+def shrink_splits(tokens: int, hidden: int) -> int:
+    """How many programs share one token's shrink in `add_rmsnorm_shrink` (each takes hidden / splits of
+    the row): enough that a step of few tokens still spreads its A reads over ~256 programs (one program
+    a token left 100 of an H100's 132 SMs idle at batch 32 and read A at ~32 GB/s an SM: 8 us a layer)."""
+    block = _next_pow2(hidden)
+    want = _next_pow2(max(1, -(-256 // max(1, tokens))))
+    return max(1, min(want, block // 256)) if block >= 256 else 1
 
 
 def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                       lora: FusedLoRA) -> tuple[torch.Tensor, FusedLoRA]:
-    """`add_rmsnorm`, and the LoRA shrink of the modules that read its output h:
-    u[m, t, :R] = (scale_m * A_m[slot(t), :rank] @ h[t]) rounded to h's dtype (zeros for tokens of no
-    segment). Returns h and `lora` with u set. The shrink reads h back after a barrier (the row is in
-    global memory by then): the same bits the grouped shrink reads, and the norm's code is unchanged."""
+                       lora: FusedLoRA, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, FusedLoRA]:
+    """`add_rmsnorm` out of place, and the LoRA shrink of the modules that read its output h. Returns
+    (the new residual, h, `lora` with u set). The new residual is `residual + delta` in a new tensor
+    (`residual` itself when delta is None): the row is split over programs that each read all of it
+    for the RMS, so none may write it in place. u [S, M, T, R] float32 holds the shrink's S partial
+    sums over hidden / S columns, unscaled (zeros for tokens of no segment and rank rows past a slot's
+    rank); the expand sums them in order, scales and rounds to the weights' dtype, as the grouped
+    kernels round u (`shrunk_u`). `splits` (a power of two leaving >= 16 columns a program) defaults to
+    `shrink_splits`."""
     if (why := fusable(lora)) is not None:
         raise ValueError(f"add_rmsnorm_shrink: {why}")
     t, h = residual.shape
@@ -125,27 +138,51 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
         raise ValueError(f"add_rmsnorm_shrink: A {tuple(present[0].a.shape)} {present[0].a.dtype} does not read rows "
                          f"of {h} {weight.dtype}")
     out = _check_norm(residual, delta, weight)
+    new_res = residual if delta is None else torch.empty_like(residual)
     r_pad = lora.r_pad
-    u = torch.empty((len(present), t, r_pad), dtype=weight.dtype, device=residual.device)
+    block = _next_pow2(h)
+    splits = shrink_splits(t, h) if splits is None else splits
+    if splits < 1 or splits & (splits - 1) or block // splits < 16:
+        raise ValueError(f"add_rmsnorm_shrink: splits {splits} must be a power of two leaving >= 16 of the row's "
+                         f"{block} (padded) columns to each program")
+    u = torch.empty((splits, len(present), t, r_pad), dtype=torch.float32, device=residual.device)
     if t == 0:
-        return out, lora.with_u(u)
+        return new_res, out, lora.with_u(u)
     # the kernel's modules 0..M-1 are the present members in group order (u's planes); unused slots repeat
     # the first (never read)
     pad = [*present, *[present[0]] * (3 - len(present))]
-    a, rank, scale = [m.a for m in pad], [m.rank for m in pad], [m.scale for m in pad]
-    block = _next_pow2(h)
-    chunk = max(128, min(block, 16384 // r_pad))
+    a, rank = [m.a for m in pad], [m.rank for m in pad]
+    chunk = block // splits
+    sub = max(16, min(chunk, 2048 // r_pad))
     seg = lora.seg
-    _add_rmsnorm_kernel[(t,)](
-        residual, residual if delta is None else delta, weight, out, h, eps,
-        residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
-        a[0], a[1], a[2], u, seg, rank[0], rank[1], rank[2], scale[0], scale[1], scale[2],
-        seg.stride(0), seg.shape[1], a[0].stride(0), a[0].stride(1), u.stride(0), u.stride(1),
+    _add_rmsnorm_shrink_kernel[(t, splits)](
+        residual, residual if delta is None else delta, new_res, weight, out, h, eps,
+        residual.stride(0), 0 if delta is None else delta.stride(0), new_res.stride(0), out.stride(0),
+        a[0], a[1], a[2], u, seg, rank[0], rank[1], rank[2],
+        seg.stride(0), seg.shape[1], a[0].stride(0), a[0].stride(1), u.stride(0), u.stride(1), u.stride(2),
         HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
-        LORA_M=len(present), R=r_pad, CHUNK=chunk, SEG_PAD=_next_pow2(seg.shape[1]),
-        num_warps=16,
+        LORA_M=len(present), R=r_pad, CHUNK=chunk, SUB=sub, SEG_PAD=_next_pow2(seg.shape[1]),
+        num_warps=4,
     )
-    return out, lora.with_u(u)
+    return new_res, out, lora.with_u(u)
+
+
+def shrunk_u(lora: FusedLoRA, plane: int, dtype: torch.dtype) -> torch.Tensor:
+    """u plane `plane` as the expand uses it: the partial sums added in order, times each token's segment
+    scale, rounded to `dtype` ([T, R]; for tests and inspection)."""
+    if lora.u is None:
+        raise ValueError("shrunk_u: no u (run add_rmsnorm_shrink first)")
+    part = lora.u[:, plane]
+    total = part[0].clone()
+    for s in range(1, part.shape[0]):
+        total += part[s]
+    seg = lora.seg.cpu()
+    present = lora.present[plane]
+    scale = torch.zeros(total.shape[0], dtype=torch.float32)
+    for i in range(seg.shape[1]):
+        start, length = int(seg[0, i]), int(seg[1, i])
+        scale[start:start + length] = float(present.scale[i])
+    return (total * scale.to(total.device)[:, None]).to(dtype)
 
 
 def _check_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor:
@@ -160,20 +197,24 @@ def _check_norm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
 def _lora_launch_args(lora: FusedLoRA | None, members: int, ref: torch.Tensor) -> tuple[list, dict]:
     """The expand's pointer/stride arguments and constexprs for a fused kernel (dummies without LoRA)."""
     if lora is None:
-        dummy = [ref] * 8 + [0] * 8
-        return dummy, {"LORA": False, "U0": -1, "U1": -1, "U2": -1, "R": 16, "SEG_PAD": 1}
+        dummy = [ref] * 11 + [0] * 9
+        return dummy, {"LORA": False, "U0": -1, "U1": -1, "U2": -1, "R": 16, "SEG_PAD": 1, "SPLITS": 1}
     if (why := fusable(lora)) is not None or lora.u is None:
         raise ValueError(f"fused LoRA expand: {why or 'no u (run add_rmsnorm_shrink first)'}")
     if len(lora.modules) != members:
         raise ValueError(f"fused LoRA expand: this kernel adds {members} modules' deltas (q/k/v: 3, gate/up: 2), "
                          f"got a group of {len(lora.modules)}")
-    b, rank = _lora_pointers(lora, members)
+    b, rank, scale = _lora_pointers(lora, members)
     seg, u = lora.seg, lora.u
+    if u.dim() != 4 or u.dtype != torch.float32 or u.shape[1] != len(lora.present) or u.shape[3] != lora.r_pad:
+        raise ValueError(f"fused LoRA expand: u {tuple(u.shape)} {u.dtype} is not add_rmsnorm_shrink's "
+                         f"[splits, {len(lora.present)}, T, {lora.r_pad}] float32 partial sums")
     idx = [lora.index(i) if i < members else -1 for i in range(3)]
-    args = [u, b[0], b[1], b[2], rank[0], rank[1], rank[2], seg, seg.stride(0), seg.shape[1], u.stride(0), u.stride(1),
-            b[0].stride(0), b[1].stride(0), b[2].stride(0), b[0].stride(1)]
+    args = [u, b[0], b[1], b[2], rank[0], rank[1], rank[2], scale[0], scale[1], scale[2], seg, seg.stride(0),
+            seg.shape[1], u.stride(0), u.stride(1), u.stride(2), b[0].stride(0), b[1].stride(0), b[2].stride(0),
+            b[0].stride(1)]
     return args, {"LORA": True, "U0": idx[0], "U1": idx[1], "U2": idx[2], "R": lora.r_pad,
-                  "SEG_PAD": _next_pow2(seg.shape[1])}
+                  "SEG_PAD": _next_pow2(seg.shape[1]), "SPLITS": u.shape[0]}
 
 
 def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -187,9 +228,8 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
     _add_rmsnorm_kernel[(t,)](
         residual, residual if delta is None else delta, weight, out, h, eps,
         residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
-        *[out] * 11, *[0] * 6,
-        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16, LORA_M=0, R=16, CHUNK=16,
-        SEG_PAD=1, num_warps=min(16, max(4, block // 512)),
+        HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
+        num_warps=min(16, max(4, block // 512)),
     )
     return out
 
@@ -279,21 +319,24 @@ if HAS_TRITON:
         return acc + a.to(tl.float32) * x[None, :]
 
     @triton.jit
-    def _expand_cols(u_ptr, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr):
-        """B[slot, cols, :rank] @ u[:rank] in float32 (u already rounded to the weights' dtype)."""
+    def _expand_cols(u_ptr, su_s, scale, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr,
+                     SPLITS: tl.constexpr):
+        """B[slot, cols, :rank] @ u[:rank] in float32, u = the shrink's SPLITS partial sums added in order,
+        times the segment's scale, rounded to the weights' dtype (as the grouped shrink rounds u)."""
         offs_r = tl.arange(0, R)
         r_ok = offs_r < rank
-        u = tl.load(u_ptr + offs_r, mask=r_ok, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs_r, mask=r_ok, other=0.0)
+        for sp in tl.static_range(1, SPLITS):
+            u += tl.load(u_ptr + sp * su_s + offs_r, mask=r_ok, other=0.0)
+        # rounded as the grouped shrink stores u (`.to`, which Triton's interpreter truncates, like theirs)
+        u = (u * scale).to(b_ptr.dtype.element_ty).to(tl.float32)
         b = tl.load(b_ptr + slot * sb_s + cols[:, None] * sb_n + offs_r[None, :],
                     mask=col_ok[:, None] & r_ok[None, :], other=0.0)
         return tl.sum(b.to(tl.float32) * u[None, :], axis=1)
 
     @triton.jit
     def _add_rmsnorm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, n, eps, stride_res, stride_delta, stride_out,
-                            a0_ptr, a1_ptr, a2_ptr, u_ptr, seg_ptr, r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr,
-                            seg_stride, num_seg, sa_s, sa_r, su_m, su_t,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, LORA_M: tl.constexpr,
-                            R: tl.constexpr, CHUNK: tl.constexpr, SEG_PAD: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
@@ -306,39 +349,64 @@ if HAS_TRITON:
         normed = _round_to(x * rstd, dtype, BF16)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (w * normed).to(dtype), mask=mask)
-        if LORA_M > 0:  # the shrink of the modules reading this row: u_m = scale_m * A_m[slot] @ h
-            tl.debug_barrier()  # the row just stored is visible to every thread of the program
-            s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
-            slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
-            rank0 = tl.where(found, tl.load(r0_ptr + s), 0)
-            rank1 = tl.where(found, tl.load(r1_ptr + s), 0)
-            rank2 = tl.where(found, tl.load(r2_ptr + s), 0)
-            acc0 = tl.zeros((R, CHUNK), dtype=tl.float32)
-            acc1 = tl.zeros((R, CHUNK), dtype=tl.float32)
-            acc2 = tl.zeros((R, CHUNK), dtype=tl.float32)
-            for c in tl.static_range(0, BLOCK, CHUNK):  # unrolled: every chunk's loads can be in flight
-                k = c + tl.arange(0, CHUNK)
-                k_ok = k < n
-                h = tl.load(out_ptr + row * stride_out + k, mask=k_ok, other=0.0).to(tl.float32)
-                acc0 = _shrink_row(acc0, a0_ptr, slot, rank0, h, k, k_ok, sa_s, sa_r, R)
-                if LORA_M > 1:
-                    acc1 = _shrink_row(acc1, a1_ptr, slot, rank1, h, k, k_ok, sa_s, sa_r, R)
-                if LORA_M > 2:
-                    acc2 = _shrink_row(acc2, a2_ptr, slot, rank2, h, k, k_ok, sa_s, sa_r, R)
-            offs_r = tl.arange(0, R)
-            u_row = u_ptr + row * su_t + offs_r
-            tl.store(u_row, (tl.sum(acc0, axis=1) * tl.load(s0_ptr + s)).to(dtype))
+
+    @triton.jit
+    def _add_rmsnorm_shrink_kernel(res_ptr, delta_ptr, new_res_ptr, w_ptr, out_ptr, n, eps, stride_res, stride_delta,
+                                   stride_new, stride_out, a0_ptr, a1_ptr, a2_ptr, u_ptr, seg_ptr, r0_ptr, r1_ptr,
+                                   r2_ptr, seg_stride, num_seg, sa_s, sa_r, su_s, su_m, su_t,
+                                   HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr,
+                                   LORA_M: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
+                                   SEG_PAD: tl.constexpr):
+        """Program (row, split): the row's RMS from all of it, then columns [split * CHUNK, +CHUNK): the new
+        residual and h there, and the shrink's partial sum over them, u[split, m, row] = A_m[slot, :, cols] @ h."""
+        row = tl.program_id(0).to(tl.int64)
+        split = tl.program_id(1)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n
+        x = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x = x + tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
+        dtype = out_ptr.dtype.element_ty
+        s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+        slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
+        rank0 = tl.where(found, tl.load(r0_ptr + s), 0)
+        rank1 = tl.where(found, tl.load(r1_ptr + s), 0)
+        rank2 = tl.where(found, tl.load(r2_ptr + s), 0)
+        acc0 = tl.zeros((R, SUB), dtype=tl.float32)
+        acc1 = tl.zeros((R, SUB), dtype=tl.float32)
+        acc2 = tl.zeros((R, SUB), dtype=tl.float32)
+        for c in tl.static_range(0, CHUNK, SUB):  # unrolled: every sub-chunk's loads can be in flight
+            k = split * CHUNK + c + tl.arange(0, SUB)
+            k_ok = k < n
+            # the same float32 values as x[k] above (the same loads and add)
+            xk = tl.load(res_ptr + row * stride_res + k, mask=k_ok, other=0.0).to(tl.float32)
+            if HAS_DELTA:
+                xk = xk + tl.load(delta_ptr + row * stride_delta + k, mask=k_ok, other=0.0).to(tl.float32)
+                tl.store(new_res_ptr + row * stride_new + k, xk, mask=k_ok)
+            wk = tl.load(w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            hk = (wk * _round_to(xk * rstd, dtype, BF16)).to(dtype)
+            tl.store(out_ptr + row * stride_out + k, hk, mask=k_ok)
+            hf = hk.to(tl.float32)
+            acc0 = _shrink_row(acc0, a0_ptr, slot, rank0, hf, k, k_ok, sa_s, sa_r, R)
             if LORA_M > 1:
-                tl.store(u_row + su_m, (tl.sum(acc1, axis=1) * tl.load(s1_ptr + s)).to(dtype))
+                acc1 = _shrink_row(acc1, a1_ptr, slot, rank1, hf, k, k_ok, sa_s, sa_r, R)
             if LORA_M > 2:
-                tl.store(u_row + 2 * su_m, (tl.sum(acc2, axis=1) * tl.load(s2_ptr + s)).to(dtype))
+                acc2 = _shrink_row(acc2, a2_ptr, slot, rank2, hf, k, k_ok, sa_s, sa_r, R)
+        u_row = u_ptr + split * su_s + row * su_t + tl.arange(0, R)
+        tl.store(u_row, tl.sum(acc0, axis=1))
+        if LORA_M > 1:
+            tl.store(u_row + su_m, tl.sum(acc1, axis=1))
+        if LORA_M > 2:
+            tl.store(u_row + 2 * su_m, tl.sum(acc2, axis=1))
 
     @triton.jit
     def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, stride_g, stride_u, stride_out,
-                         lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, seg_ptr, seg_stride, num_seg,
-                         su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
+                         lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, sc0_ptr, sc1_ptr, sc2_ptr, seg_ptr,
+                         seg_stride, num_seg, su_s, su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
                          BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr, U0: tl.constexpr,
-                         U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr, SEG_PAD: tl.constexpr):
+                         U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr, SEG_PAD: tl.constexpr,
+                         SPLITS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
@@ -350,11 +418,13 @@ if HAS_TRITON:
             slot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
             if U0 >= 0:
                 rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
-                d = _expand_cols(lu_ptr + U0 * su_m + row * su_t, b0_ptr, slot, rank, cols, mask, sb0_s, sb_n, R)
+                d = _expand_cols(lu_ptr + U0 * su_m + row * su_t, su_s, tl.load(sc0_ptr + sidx), b0_ptr, slot, rank,
+                                 cols, mask, sb0_s, sb_n, R, SPLITS)
                 g = _round_to(g + d, dtype, BF16)
             if U1 >= 0:
                 rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
-                d = _expand_cols(lu_ptr + U1 * su_m + row * su_t, b1_ptr, slot, rank, cols, mask, sb1_s, sb_n, R)
+                d = _expand_cols(lu_ptr + U1 * su_m + row * su_t, su_s, tl.load(sc1_ptr + sidx), b1_ptr, slot, rank,
+                                 cols, mask, sb1_s, sb_n, R, SPLITS)
                 u = _round_to(u + d, dtype, BF16)
         s = _round_to(g / (1.0 + tl.exp(-g)), dtype, BF16)
         tl.store(out_ptr + row * stride_out + cols, (s * u).to(dtype), mask=mask)
@@ -362,11 +432,11 @@ if HAS_TRITON:
     @triton.jit
     def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, slot_ptr, kc_ptr, vc_ptr,
                            stride_q, stride_k, stride_v, stride_cs, stride_kc, stride_vc, heads,
-                           lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, seg_ptr, seg_stride, num_seg,
-                           su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
+                           lu_ptr, b0_ptr, b1_ptr, b2_ptr, r0_ptr, r1_ptr, r2_ptr, sc0_ptr, sc1_ptr, sc2_ptr,
+                           seg_ptr, seg_stride, num_seg, su_s, su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
                            HALF: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr,
                            U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr,
-                           SEG_PAD: tl.constexpr):
+                           SEG_PAD: tl.constexpr, SPLITS: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -395,8 +465,9 @@ if HAS_TRITON:
                 rank = tl.where(found, tl.load(r2_ptr + sidx), 0)
                 u_row = lu_ptr + U2 * su_m + tok * su_t
                 c0 = g * (2 * HALF) + cols
-                d1 = _expand_cols(u_row, b2_ptr, lslot, rank, c0, mask, sb2_s, sb_n, R)
-                d2 = _expand_cols(u_row, b2_ptr, lslot, rank, c0 + HALF, mask, sb2_s, sb_n, R)
+                sc = tl.load(sc2_ptr + sidx)
+                d1 = _expand_cols(u_row, su_s, sc, b2_ptr, lslot, rank, c0, mask, sb2_s, sb_n, R, SPLITS)
+                d2 = _expand_cols(u_row, su_s, sc, b2_ptr, lslot, rank, c0 + HALF, mask, sb2_s, sb_n, R, SPLITS)
                 vrow = _round_to(vrow.to(tl.float32) + d1, dtype, BF16).to(dtype)
                 vrow2 = _round_to(vrow2.to(tl.float32) + d2, dtype, BF16).to(dtype)
             tl.store(vc_ptr + slot * stride_vc + g * (2 * HALF) + cols, vrow, mask=mask)
@@ -409,17 +480,21 @@ if HAS_TRITON:
                     rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
                     u_row = lu_ptr + U0 * su_m + tok * su_t
                     c0 = head * (2 * HALF) + cols
-                    x1 = _round_to(x1 + _expand_cols(u_row, b0_ptr, lslot, rank, c0, mask, sb0_s, sb_n, R), dtype, BF16)
-                    x2 = _round_to(x2 + _expand_cols(u_row, b0_ptr, lslot, rank, c0 + HALF, mask, sb0_s, sb_n, R),
-                                   dtype, BF16)
+                    sc = tl.load(sc0_ptr + sidx)
+                    d1 = _expand_cols(u_row, su_s, sc, b0_ptr, lslot, rank, c0, mask, sb0_s, sb_n, R, SPLITS)
+                    d2 = _expand_cols(u_row, su_s, sc, b0_ptr, lslot, rank, c0 + HALF, mask, sb0_s, sb_n, R, SPLITS)
+                    x1 = _round_to(x1 + d1, dtype, BF16)
+                    x2 = _round_to(x2 + d2, dtype, BF16)
             else:
                 if U1 >= 0:
                     rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
                     u_row = lu_ptr + U1 * su_m + tok * su_t
                     c0 = (head - heads) * (2 * HALF) + cols
-                    x1 = _round_to(x1 + _expand_cols(u_row, b1_ptr, lslot, rank, c0, mask, sb1_s, sb_n, R), dtype, BF16)
-                    x2 = _round_to(x2 + _expand_cols(u_row, b1_ptr, lslot, rank, c0 + HALF, mask, sb1_s, sb_n, R),
-                                   dtype, BF16)
+                    sc = tl.load(sc1_ptr + sidx)
+                    d1 = _expand_cols(u_row, su_s, sc, b1_ptr, lslot, rank, c0, mask, sb1_s, sb_n, R, SPLITS)
+                    d2 = _expand_cols(u_row, su_s, sc, b1_ptr, lslot, rank, c0 + HALF, mask, sb1_s, sb_n, R, SPLITS)
+                    x1 = _round_to(x1 + d1, dtype, BF16)
+                    x2 = _round_to(x2 + d2, dtype, BF16)
         # out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
         o1 = (_round_to(x1 * c1, dtype, BF16) + _round_to(-x2 * s1, dtype, BF16)).to(dtype)
         o2 = (_round_to(x2 * c2, dtype, BF16) + _round_to(x1 * s2, dtype, BF16)).to(dtype)

@@ -39,9 +39,9 @@ class Decoder(nn.Module):
         if self.fused:
             from lorascope.kernels.fused_triton import add_rmsnorm
 
-            delta = None  # x (a fresh tensor from the embedding lookup) is updated in place
+            delta = None  # x (a fresh tensor from the embedding lookup) is updated in place or replaced
             for layer in self.model.layers:
-                delta = layer.forward_fused(x, delta, positions, ctx)
+                x, delta = layer.forward_fused(x, delta, positions, ctx)
             return add_rmsnorm(x, delta, norm.weight, norm.eps)
         for layer in self.model.layers:
             x = layer(x, positions, ctx)

@@ -350,21 +350,24 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), ctx).float()
 
     def forward_fused(self, x: torch.Tensor, delta: torch.Tensor | None, positions: torch.Tensor, ctx: StepContext
-                      ) -> torch.Tensor:
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layer with the GPU's fused kernels (kernels/fused_triton.py). `x` is the float32
         residual stream *before* the previous layer's MLP output `delta` is added (None for the first
-        layer): that add is fused into this layer's first norm. Updates `x` in place; returns this
-        layer's MLP output, which the next layer (or the final norm) adds."""
+        layer): that add is fused into this layer's first norm. Returns (the residual stream after the
+        attention, this layer's MLP output), which the next layer (or the final norm) adds: `x` itself,
+        updated in place, unless a fused LoRA shrink wrote the stream to a new tensor."""
         tokens = x.shape[0]
-        h, qkv_lora = self._norm(x, delta, self.input_layernorm, fused_lora(self.self_attn.qkv, ctx, tokens))
+        x, h, qkv_lora = self._norm(x, delta, self.input_layernorm, fused_lora(self.self_attn.qkv, ctx, tokens))
         a = self.self_attn(h, positions, ctx, fused=True, lora=qkv_lora)
-        h, gate_up_lora = self._norm(x, a, self.post_attention_layernorm, fused_lora(self.mlp.gate_up, ctx, tokens))
-        return self.mlp(h, ctx, fused=True, lora=gate_up_lora)
+        x, h, gate_up_lora = self._norm(x, a, self.post_attention_layernorm,
+                                        fused_lora(self.mlp.gate_up, ctx, tokens))
+        return x, self.mlp(h, ctx, fused=True, lora=gate_up_lora)
 
     @staticmethod
     def _norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, lora: fused_triton.FusedLoRA | None
-              ) -> tuple[torch.Tensor, fused_triton.FusedLoRA | None]:
-        """add_rmsnorm, with the shrink of the group that reads its output when that group's LoRA is fused."""
+              ) -> tuple[torch.Tensor, torch.Tensor, fused_triton.FusedLoRA | None]:
+        """add_rmsnorm (in place), or with the shrink of the group that reads its output when that group's
+        LoRA is fused (out of place): (residual stream, normalised rows, the group's LoRA with u)."""
         if lora is None:
-            return fused_triton.add_rmsnorm(x, delta, norm.weight, norm.eps), None
+            return x, fused_triton.add_rmsnorm(x, delta, norm.weight, norm.eps), None
         return fused_triton.add_rmsnorm_shrink(x, delta, norm.weight, norm.eps, lora)
