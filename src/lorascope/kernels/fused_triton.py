@@ -127,7 +127,7 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
     (`residual` itself when delta is None): the row is split over programs that each read all of it
     for the RMS, so none may write it in place. u [S, M, T, R] float32 holds the shrink's S partial
     sums over hidden / S columns, unscaled (zeros for tokens of no segment and rank rows past a slot's
-    rank); the expand sums them in order, scales and rounds to the weights' dtype, as the grouped
+    rank); the expand sums them, scales and rounds to the weights' dtype, as the grouped
     kernels round u (`shrunk_u`). `splits` (a power of two leaving >= 16 columns a program) defaults to
     `shrink_splits`."""
     if (why := fusable(lora)) is not None:
@@ -319,19 +319,21 @@ if HAS_TRITON:
         return acc + a.to(tl.float32) * x[None, :]
 
     @triton.jit
-    def _expand_cols(u_ptr, su_s, scale, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr,
-                     SPLITS: tl.constexpr):
-        """B[slot, cols, :rank] @ u[:rank] in float32, u = the shrink's SPLITS partial sums added in order,
-        times the segment's scale, rounded to the weights' dtype (as the grouped shrink rounds u)."""
+    def _load_u(u_ptr, su_s, scale, rank, dtype: tl.constexpr, R: tl.constexpr, SPLITS: tl.constexpr):
+        """u [R] float32: the shrink's SPLITS partial sums (one [SPLITS, R] load) added, times the segment's
+        scale, rounded to the weights' dtype as the grouped shrink stores u (`.to`, which Triton's
+        interpreter truncates, like theirs); rows past the rank are zero."""
         offs_r = tl.arange(0, R)
-        r_ok = offs_r < rank
-        u = tl.load(u_ptr + offs_r, mask=r_ok, other=0.0)
-        for sp in tl.static_range(1, SPLITS):
-            u += tl.load(u_ptr + sp * su_s + offs_r, mask=r_ok, other=0.0)
-        # rounded as the grouped shrink stores u (`.to`, which Triton's interpreter truncates, like theirs)
-        u = (u * scale).to(b_ptr.dtype.element_ty).to(tl.float32)
+        offs_s = tl.arange(0, SPLITS)
+        part = tl.load(u_ptr + offs_s[:, None] * su_s + offs_r[None, :], mask=(offs_r < rank)[None, :], other=0.0)
+        return (tl.sum(part, axis=0) * scale).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _expand_cols(u, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr):
+        """B[slot, cols, :rank] @ u[:rank] in float32 (u from `_load_u`)."""
+        offs_r = tl.arange(0, R)
         b = tl.load(b_ptr + slot * sb_s + cols[:, None] * sb_n + offs_r[None, :],
-                    mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+                    mask=col_ok[:, None] & (offs_r < rank)[None, :], other=0.0)
         return tl.sum(b.to(tl.float32) * u[None, :], axis=1)
 
     @triton.jit
@@ -418,13 +420,13 @@ if HAS_TRITON:
             slot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
             if U0 >= 0:
                 rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
-                d = _expand_cols(lu_ptr + U0 * su_m + row * su_t, su_s, tl.load(sc0_ptr + sidx), b0_ptr, slot, rank,
-                                 cols, mask, sb0_s, sb_n, R, SPLITS)
+                lu = _load_u(lu_ptr + U0 * su_m + row * su_t, su_s, tl.load(sc0_ptr + sidx), rank, dtype, R, SPLITS)
+                d = _expand_cols(lu, b0_ptr, slot, rank, cols, mask, sb0_s, sb_n, R)
                 g = _round_to(g + d, dtype, BF16)
             if U1 >= 0:
                 rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
-                d = _expand_cols(lu_ptr + U1 * su_m + row * su_t, su_s, tl.load(sc1_ptr + sidx), b1_ptr, slot, rank,
-                                 cols, mask, sb1_s, sb_n, R, SPLITS)
+                lu = _load_u(lu_ptr + U1 * su_m + row * su_t, su_s, tl.load(sc1_ptr + sidx), rank, dtype, R, SPLITS)
+                d = _expand_cols(lu, b1_ptr, slot, rank, cols, mask, sb1_s, sb_n, R)
                 u = _round_to(u + d, dtype, BF16)
         s = _round_to(g / (1.0 + tl.exp(-g)), dtype, BF16)
         tl.store(out_ptr + row * stride_out + cols, (s * u).to(dtype), mask=mask)
@@ -465,9 +467,9 @@ if HAS_TRITON:
                 rank = tl.where(found, tl.load(r2_ptr + sidx), 0)
                 u_row = lu_ptr + U2 * su_m + tok * su_t
                 c0 = g * (2 * HALF) + cols
-                sc = tl.load(sc2_ptr + sidx)
-                d1 = _expand_cols(u_row, su_s, sc, b2_ptr, lslot, rank, c0, mask, sb2_s, sb_n, R, SPLITS)
-                d2 = _expand_cols(u_row, su_s, sc, b2_ptr, lslot, rank, c0 + HALF, mask, sb2_s, sb_n, R, SPLITS)
+                lu = _load_u(u_row, su_s, tl.load(sc2_ptr + sidx), rank, dtype, R, SPLITS)
+                d1 = _expand_cols(lu, b2_ptr, lslot, rank, c0, mask, sb2_s, sb_n, R)
+                d2 = _expand_cols(lu, b2_ptr, lslot, rank, c0 + HALF, mask, sb2_s, sb_n, R)
                 vrow = _round_to(vrow.to(tl.float32) + d1, dtype, BF16).to(dtype)
                 vrow2 = _round_to(vrow2.to(tl.float32) + d2, dtype, BF16).to(dtype)
             tl.store(vc_ptr + slot * stride_vc + g * (2 * HALF) + cols, vrow, mask=mask)
@@ -480,9 +482,9 @@ if HAS_TRITON:
                     rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
                     u_row = lu_ptr + U0 * su_m + tok * su_t
                     c0 = head * (2 * HALF) + cols
-                    sc = tl.load(sc0_ptr + sidx)
-                    d1 = _expand_cols(u_row, su_s, sc, b0_ptr, lslot, rank, c0, mask, sb0_s, sb_n, R, SPLITS)
-                    d2 = _expand_cols(u_row, su_s, sc, b0_ptr, lslot, rank, c0 + HALF, mask, sb0_s, sb_n, R, SPLITS)
+                    lu = _load_u(u_row, su_s, tl.load(sc0_ptr + sidx), rank, dtype, R, SPLITS)
+                    d1 = _expand_cols(lu, b0_ptr, lslot, rank, c0, mask, sb0_s, sb_n, R)
+                    d2 = _expand_cols(lu, b0_ptr, lslot, rank, c0 + HALF, mask, sb0_s, sb_n, R)
                     x1 = _round_to(x1 + d1, dtype, BF16)
                     x2 = _round_to(x2 + d2, dtype, BF16)
             else:
@@ -490,9 +492,9 @@ if HAS_TRITON:
                     rank = tl.where(found, tl.load(r1_ptr + sidx), 0)
                     u_row = lu_ptr + U1 * su_m + tok * su_t
                     c0 = (head - heads) * (2 * HALF) + cols
-                    sc = tl.load(sc1_ptr + sidx)
-                    d1 = _expand_cols(u_row, su_s, sc, b1_ptr, lslot, rank, c0, mask, sb1_s, sb_n, R, SPLITS)
-                    d2 = _expand_cols(u_row, su_s, sc, b1_ptr, lslot, rank, c0 + HALF, mask, sb1_s, sb_n, R, SPLITS)
+                    lu = _load_u(u_row, su_s, tl.load(sc1_ptr + sidx), rank, dtype, R, SPLITS)
+                    d1 = _expand_cols(lu, b1_ptr, lslot, rank, c0, mask, sb1_s, sb_n, R)
+                    d2 = _expand_cols(lu, b1_ptr, lslot, rank, c0 + HALF, mask, sb1_s, sb_n, R)
                     x1 = _round_to(x1 + d1, dtype, BF16)
                     x2 = _round_to(x2 + d2, dtype, BF16)
         # out = x * cos + cat(-x2, x1) * sin, each product and the sum rounded to the dtype
