@@ -324,9 +324,13 @@ if HAS_TRITON:
         scale, rounded to the weights' dtype as the grouped shrink stores u (`.to`, which Triton's
         interpreter truncates, like theirs); rows past the rank are zero."""
         offs_r = tl.arange(0, R)
-        offs_s = tl.arange(0, SPLITS)
-        part = tl.load(u_ptr + offs_s[:, None] * su_s + offs_r[None, :], mask=(offs_r < rank)[None, :], other=0.0)
-        return (tl.sum(part, axis=0) * scale).to(dtype).to(tl.float32)
+        if SPLITS == 1:
+            u = tl.load(u_ptr + offs_r, mask=offs_r < rank, other=0.0)
+        else:
+            offs_s = tl.arange(0, SPLITS)
+            part = tl.load(u_ptr + offs_s[:, None] * su_s + offs_r[None, :], mask=(offs_r < rank)[None, :], other=0.0)
+            u = tl.sum(part, axis=0)
+        return (u * scale).to(dtype).to(tl.float32)
 
     @triton.jit
     def _expand_cols(u, b_ptr, slot, rank, cols, col_ok, sb_s, sb_n, R: tl.constexpr):
