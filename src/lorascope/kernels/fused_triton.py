@@ -20,11 +20,12 @@ order of one float32 sum (the RMS):
   Grid (tokens, heads + kv heads): a program rotates one head of one token (both halves).
 
 LoRA folded into them (`FusedLoRA`, for steps of up to a few hundred tokens; model/layers.py decides):
-`add_rmsnorm_shrink` also computes, for each token, u_m = scale_m * A_m[slot] @ h (the shrink of the
-modules that read the normalised row h: q/k/v, or gate/up), and `rope_and_cache(..., lora=)` /
-`silu_mul(..., lora=)` add B_m[slot] @ u_m to their inputs before they use them (the expand), with the
-roundings of kernels/lora_triton.py (u rounded to the weights' dtype, the delta added in float32 and the
-sum rounded): the grouped shrink and expand launches of those modules disappear from the step. A token
+`add_rmsnorm_shrink` also computes, for each token, the shrink A_m[slot] @ h of the modules that read
+the normalised row h (q/k/v, or gate/up), as float32 partial sums over S slices of the row (S programs a
+token, so a step of few tokens still fills the GPU), and `rope_and_cache(..., lora=)` /
+`silu_mul(..., lora=)` add the partials, scale them (u_m) and add B_m[slot] @ u_m to their inputs before
+they use them (the expand), with the roundings of kernels/lora_triton.py (u rounded to the weights'
+dtype, the delta added in float32 and the sum rounded): the grouped shrink and expand launches of those modules disappear from the step. A token
 finds its segment (start, length, slot) by one vector load of the step's segment table; tokens of no
 segment (base requests) and rank rows past a slot's rank add nothing.
 
@@ -117,7 +118,7 @@ def shrink_splits(tokens: int, hidden: int) -> int:
     a token left 100 of an H100's 132 SMs idle at batch 32 and read A at ~32 GB/s an SM: 8 us a layer)."""
     block = _next_pow2(hidden)
     want = _next_pow2(max(1, -(-256 // max(1, tokens))))
-    return max(1, min(want, block // 256)) if block >= 256 else 1
+    return max(1, min(want, block // 256))
 
 
 def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
