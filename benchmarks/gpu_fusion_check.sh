@@ -3,11 +3,11 @@
 #   1. the fused kernels compile and match the grouped ones natively (tests/kernels/test_fused_triton.py,
 #      and the CUDA-graph engine test with the fusion on: its tokens against HF + PEFT in float32);
 #   2. the captured batch-32 decode step, fused LoRA against grouped, twice interleaved (gpu_step_ab.py);
-#   3. the attention and LoRA kernel variants (gpu_kernel_probe.py: table_in_registers, prefetch_kv, ...);
-#   profile: the step's kernels with the fusion on and off (gpu_profile_decode.py), top kernels printed;
-#   4. the c=32 seed cells (N=1 and N=1000 uniform) with the fusion on, then off, in one process each.
+#   3. the step's kernels with the fusion on and off (gpu_profile_decode.py), top kernels printed;
+#   4. the attention and LoRA kernel variants (gpu_kernel_probe.py: table_in_registers, prefetch_kv, ...);
+#   5. the c=32 seed cells (N=1 and N=1000 uniform) with the fusion on, then off, in one process each.
 # Run from the repository root on the device:  bash benchmarks/gpu_fusion_check.sh   (writes under $OUT)
-# One device command runs at most 10 minutes, so the stages can be split over calls:
+# One device command runs at most 10 minutes, so the stages (tests ab profile probe seed) can be split over calls:
 #   STAGES="tests ab profile" bash benchmarks/gpu_fusion_check.sh (~4 min);  STAGES=seed SEED_BUDGET_S=200 bash ...
 set -u
 stages=" ${STAGES:-tests ab profile probe seed} "

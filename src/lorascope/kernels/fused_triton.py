@@ -25,7 +25,8 @@ the normalised row h (q/k/v, or gate/up), as float32 partial sums over S slices 
 token, so a step of few tokens still fills the GPU), and `rope_and_cache(..., lora=)` /
 `silu_mul(..., lora=)` add the partials, scale them (u_m) and add B_m[slot] @ u_m to their inputs before
 they use them (the expand), with the roundings of kernels/lora_triton.py (u rounded to the weights'
-dtype, the delta added in float32 and the sum rounded): the grouped shrink and expand launches of those modules disappear from the step. A token
+dtype, the delta added in float32 and the sum rounded): the grouped shrink and expand launches of those
+modules disappear from the step. A token
 finds its segment (start, length, slot) by one vector load of the step's segment table; tokens of no
 segment (base requests) and rank rows past a slot's rank add nothing.
 
@@ -169,8 +170,9 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
 
 
 def shrunk_u(lora: FusedLoRA, plane: int, dtype: torch.dtype) -> torch.Tensor:
-    """u plane `plane` as the expand uses it: the partial sums added in order, times each token's segment
-    scale, rounded to `dtype` ([T, R]; for tests and inspection)."""
+    """u plane `plane` as the expand uses it: the partial sums added (the kernels' order of that float32
+    sum may differ), times each token's segment scale, rounded to `dtype` ([T, R]; for tests and
+    inspection)."""
     if lora.u is None:
         raise ValueError("shrunk_u: no u (run add_rmsnorm_shrink first)")
     part = lora.u[:, plane]
