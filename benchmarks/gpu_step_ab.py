@@ -6,7 +6,9 @@ no prefetch: the kernel before 2026-12-06), `attn-vector` (vector search only), 
 (prefetch only), `attn-both` (both); the other variants run the kernel's default (`TUNING`: vector search, no
 prefetch). `lora-fused` / `lora-grouped`: the q/k/v and gate/up LoRA folded into the norm and rotary / SiLU
 kernels (model/layers.py `LORA_FUSION`, at most 256 tokens) against the grouped shrink + expand launches; these
-two differ in float32 summation order, so their tokens may differ.
+two differ in float32 summation order, so their tokens may differ. `gemm-skinny` / `gemm-cublas`: the weight
+GEMMs of steps up to 128 tokens through the split-K Triton kernel (model/layers.py `SKINNY_GEMM`,
+kernels/gemm_triton.py) against cuBLASLt. A variant may join several with "+": `lora-fused+gemm-skinny`.
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
@@ -42,6 +44,8 @@ ATTN = {
 ATTN_DEFAULT = dict(varlen.TUNING)
 FUSION_DEFAULT = dict(layers.LORA_FUSION)
 LORA = {"lora-fused": {"max_tokens": 256}, "lora-grouped": {"max_tokens": 0}}
+GEMM_DEFAULT = dict(layers.SKINNY_GEMM)
+GEMM = {"gemm-skinny": {"max_tokens": 128}, "gemm-cublas": {"max_tokens": 0}}
 
 
 def main() -> None:
@@ -65,11 +69,14 @@ def main() -> None:
     rows, first_tokens = [], None
     side = torch.cuda.Stream()
     for variant in args.variants.split(","):
-        if variant not in ("overlap", "serial", *ATTN, *LORA):
-            raise SystemExit(f"unknown variant {variant!r}: overlap, serial or one of {', '.join([*ATTN, *LORA])}")
-        runner.side_stream = None if variant == "serial" else side
-        varlen.TUNING.update(ATTN.get(variant, ATTN_DEFAULT))
-        layers.LORA_FUSION.update(LORA.get(variant, FUSION_DEFAULT))
+        parts = variant.split("+")
+        for part in parts:
+            if part not in ("overlap", "serial", *ATTN, *LORA, *GEMM):
+                raise SystemExit(f"unknown variant {part!r}: overlap, serial or one of {', '.join([*ATTN, *LORA, *GEMM])}")
+        runner.side_stream = None if "serial" in parts else side
+        varlen.TUNING.update(next((ATTN[p] for p in parts if p in ATTN), ATTN_DEFAULT))
+        layers.LORA_FUSION.update(next((LORA[p] for p in parts if p in LORA), FUSION_DEFAULT))
+        layers.SKINNY_GEMM.update(next((GEMM[p] for p in parts if p in GEMM), GEMM_DEFAULT))
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
         outs = llm.generate(prompts, params, names)

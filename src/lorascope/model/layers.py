@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if ctx.side_stream is not None and ctx.lora is not None and ctx.lora.kernel_meta is not None:
             return project(x, (self,), ctx)[0]
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)
         store = self.store
         if store is not None and ctx.lora is not None and self.key in store.a:
             if ctx.lora.kernel_meta is not None:
@@ -210,15 +210,32 @@ OVERLAP_MAX_TOKENS = 8
 # 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). Off by default:
 # tested against the grouped kernels under Triton's interpreter, not yet timed (or compiled) on a GPU
 # (benchmarks/RESULTS.md, 2026-12-06 session 9); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it for a process.
-def _fusion_max_tokens(env: str | None) -> int:
+def _max_tokens_env(name: str, default: int = 0) -> int:
+    env = os.environ.get(name)
     if env is None or env == "":
-        return 0
+        return default
     if not env.isdigit():
-        raise ValueError(f"LORASCOPE_FUSED_LORA_MAX_TOKENS must be a token count (0 turns the fusion off), got {env!r}")
+        raise ValueError(f"{name} must be a token count (0 turns it off), got {env!r}")
     return int(env)
 
 
-LORA_FUSION: dict[str, int] = {"max_tokens": _fusion_max_tokens(os.environ.get("LORASCOPE_FUSED_LORA_MAX_TOKENS"))}
+LORA_FUSION: dict[str, int] = {"max_tokens": _max_tokens_env("LORASCOPE_FUSED_LORA_MAX_TOKENS")}
+
+# Steps of at most this many tokens run their weight GEMMs through the split-K Triton kernel
+# (kernels/gemm_triton.py) instead of cuBLAS, on CUDA. Off (0) by default: tested against F.linear, not
+# yet timed against cuBLASLt in the engine; `LORASCOPE_SKINNY_GEMM_MAX_TOKENS` sets it for a process.
+SKINNY_GEMM: dict[str, int] = {"max_tokens": _max_tokens_env("LORASCOPE_SKINNY_GEMM_MAX_TOKENS")}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, or the skinny split-K kernel for CUDA steps of at most SKINNY_GEMM's tokens."""
+    if (x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= SKINNY_GEMM["max_tokens"] and x.stride(1) == 1
+            and weight.stride(1) == 1 and fused_triton.HAS_TRITON):
+        from lorascope.kernels.gemm_triton import MAX_TOKENS, skinny_linear
+
+        if x.shape[0] <= MAX_TOKENS:
+            return skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> fused_triton.FusedLoRA | None:
@@ -245,11 +262,11 @@ def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> f
 
 def _base(x: torch.Tensor, lins: tuple[LoRALinear, ...], packed: PackedProjection | None) -> list[torch.Tensor]:
     if packed is None:
-        return [F.linear(x, lin.weight, lin.bias) for lin in lins]
+        return [linear(x, lin.weight, lin.bias) for lin in lins]
     if not packed.backs(lins):
         raise RuntimeError("the packed projection no longer backs its linears' weights (replaced after "
                            "Decoder.pack_projections()?); call pack_projections() again")
-    y = F.linear(x, packed.weight, packed.bias)  # [T, sum(out)]
+    y = linear(x, packed.weight, packed.bias)  # [T, sum(out)]
     return [y[:, a:b] for a, b in zip(packed.bounds, packed.bounds[1:])]
 
 

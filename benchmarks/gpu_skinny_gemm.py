@@ -1,0 +1,124 @@
+"""The decode step's weight GEMMs: cuBLASLt against the split-K Triton kernel (kernels/gemm_triton.py).
+
+    PYTHONPATH=src python3 benchmarks/gpu_skinny_gemm.py --out $OUT/skinny_gemm.json [--tokens 32,64] [--budget-s 200]
+
+llama-3.1-8b packed shapes (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down 14336->4096), bf16,
+32 layers of distinct weights (L2 cold for every GEMM, as in a step); per shape, config and M a CUDA
+graph of the 32 GEMMs is replayed (gpu_gemm_layouts.py's method): us per GEMM and TB/s of weight bytes.
+Every Triton config is first checked against F.linear (float32 reference; max abs error over the
+output's scale). Stage 1 sweeps tiles x splits x operand order at the first M; stage 2 varies warps
+and pipeline stages around each shape's best two; stage 3 times each shape's best three at the other Ms.
+Prints one JSON row per timing and, per M, the step's GEMM time with cuBLASLt and with the best kernel
+per shape. Stops starting new timings when --budget-s runs out, and writes what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from gpu_gemm_layouts import LAYERS, SHAPES, replay_ms
+from lorascope.kernels.gemm_triton import GemmConfig, skinny_linear
+
+
+def _split(n: int, k: int, block_n: int) -> int:
+    """default_config's rule for any tile width: >= 2 programs per SM (132), splits >= 512 deep."""
+    tiles, split = -(-n // block_n), 1
+    while tiles * split < 264 and split < 16 and k // (2 * split) >= 512:
+        split *= 2
+    return split
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", default="32,64")
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    args = ap.parse_args()
+    t_end = time.monotonic() + args.budget_s
+    torch.backends.cuda.preferred_blas_library("cublaslt")  # what the engine's runner sets
+    dev, dt = "cuda", torch.bfloat16
+    weights = {s: [torch.randn(o, i, device=dev, dtype=dt) * 0.02 for _ in range(LAYERS)] for s, (i, o) in SHAPES.items()}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rows: list[dict] = []
+
+    def timed(shape: str, m: int, cfg: GemmConfig | None) -> dict | None:
+        if time.monotonic() > t_end:
+            return None
+        i = SHAPES[shape][0]
+        x = torch.randn(m, i, device=dev, dtype=dt)
+        ws = weights[shape]
+        row: dict = {"shape": shape, "tokens": m, "kernel": "cublaslt" if cfg is None else "triton"}
+        if cfg is not None:
+            row["config"] = asdict(cfg)
+            try:
+                ref = F.linear(x.float(), ws[0].float())
+                err = (skinny_linear(x, ws[0], config=cfg).float() - ref).abs().max().item()
+            except Exception as e:  # a config Triton cannot build (shared memory, registers)
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(json.dumps(row), flush=True)
+                return row
+            row["rel_err"] = err / ref.abs().max().item()
+
+        def run(x=x, ws=ws, cfg=cfg) -> None:
+            for w in ws:
+                F.linear(x, w) if cfg is None else skinny_linear(x, w, config=cfg)
+
+        us = 1e3 * replay_ms(run) / LAYERS
+        row.update(us=us, tb_s=ws[0].numel() * 2 / us / 1e6)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def ok(r: dict | None) -> bool:
+        return r is not None and "us" in r and r["rel_err"] < 2e-2
+
+    best: dict[tuple[str, int], list[dict]] = {}
+    m0 = tokens[0]
+    found: dict[str, list[dict]] = {shape: [] for shape in SHAPES}
+    for shape, (k, n) in SHAPES.items():  # stage 1: tiles x splits x operand order
+        timed(shape, m0, None)
+        for block_n, block_k, swap in itertools.product((32, 64, 128), (128, 256), (True, False)):
+            s = _split(n, k, block_n)
+            for split in sorted({s, min(16, 2 * s)}):
+                r = timed(shape, m0, GemmConfig(block_n=block_n, block_k=block_k, split_k=split, swap=swap))
+                if ok(r):
+                    found[shape].append(r)
+    for shape in SHAPES:  # stage 2: warps and stages around the best two
+        for r in sorted(found[shape], key=lambda r: r["us"])[:2]:
+            base = GemmConfig(**r["config"])
+            for warps, stages in itertools.product((4, 8), (3, 4, 5)):
+                if (warps, stages) != (base.num_warps, base.num_stages):
+                    r2 = timed(shape, m0, replace(base, num_warps=warps, num_stages=stages))
+                    if ok(r2):
+                        found[shape].append(r2)
+        best[(shape, m0)] = sorted(found[shape], key=lambda r: r["us"])[:3]
+    for m in tokens[1:]:  # stage 3
+        for shape in SHAPES:
+            timed(shape, m, None)
+            found = [r for c in best[(shape, m0)] if ok(r := timed(shape, m, GemmConfig(**c["config"])))]
+            best[(shape, m)] = sorted(found, key=lambda r: r["us"])
+    summary = []
+    for m in tokens:
+        lt = {r["shape"]: r["us"] for r in rows if r["kernel"] == "cublaslt" and r["tokens"] == m}
+        tr = {s: best[(s, m)][0]["us"] for s in SHAPES if best.get((s, m))}
+        line = {"tokens": m, "cublaslt_step_ms": LAYERS * sum(lt.values()) / 1e3 if len(lt) == 4 else None,
+                "best_step_ms": LAYERS * sum(min(lt.get(s, 1e9), tr.get(s, 1e9)) for s in SHAPES) / 1e3,
+                "per_shape": {s: {"cublaslt_us": lt.get(s), "triton_us": tr.get(s),
+                                  "triton_config": best[(s, m)][0]["config"] if best.get((s, m)) else None} for s in SHAPES}}
+        summary.append(line)
+        print(json.dumps(line), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "summary": summary, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
