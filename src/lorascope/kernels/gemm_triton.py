@@ -179,7 +179,9 @@ if HAS_TRITON:
         else:
             mn = M * N
             tl.store(ws_ptr + pid_k * mn + tile, res, mask=mask)
-            # release: this split's partial is visible before the count; acquire: the last one sees all
+            # every thread's share of the partial is stored before the count goes up (the barrier), and
+            # the count's release / acquire orders it for the program that comes last
+            tl.debug_barrier()
             done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if done == SPLIT_K - 1:
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
