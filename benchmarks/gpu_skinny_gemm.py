@@ -25,15 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_gemm_layouts import LAYERS, SHAPES, replay_ms
-from lorascope.kernels.gemm_triton import GemmConfig, skinny_linear
-
-
-def _split(n: int, k: int, block_n: int) -> int:
-    """default_config's rule for any tile width: >= 2 programs per SM (132), splits >= 512 deep."""
-    tiles, split = -(-n // block_n), 1
-    while tiles * split < 264 and split < 16 and k // (2 * split) >= 512:
-        split *= 2
-    return split
+from lorascope.kernels.gemm_triton import GemmConfig, default_config, skinny_linear
 
 
 def main() -> None:
@@ -86,7 +78,7 @@ def main() -> None:
     for shape, (k, n) in SHAPES.items():  # stage 1: tiles x splits x operand order
         timed(shape, m0, None)
         for block_n, block_k, swap in itertools.product((32, 64, 128), (128, 256), (True, False)):
-            s = _split(n, k, block_n)
+            s = default_config(m0, n, k, block_n).split_k
             for split in sorted({s, min(16, 2 * s)}):
                 r = timed(shape, m0, GemmConfig(block_n=block_n, block_k=block_k, split_k=split, swap=swap))
                 if ok(r):

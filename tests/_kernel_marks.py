@@ -23,3 +23,16 @@ kernel_test = pytest.mark.skipif(
     not (HAS_TRITON and (HAS_CUDA or INTERPRETED)),
     reason="no CUDA device (or no triton): test_kernels_under_triton_interpreter runs these on the CPU",
 )
+
+
+def run_file_under_interpreter(path: str) -> None:
+    """Rerun the `test_kernel_*` tests of the file at `path` with TRITON_INTERPRET=1 (set before triton is
+    imported) in a subprocess; fails unless some ran and none skipped."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "test_kernel_",
+                           path], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]

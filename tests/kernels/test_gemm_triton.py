@@ -8,15 +8,12 @@ instead of rounding, so bf16 outputs may sit one ulp below torch's there).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _kernel_marks import kernel_test
+from _kernel_marks import kernel_test, run_file_under_interpreter
 from lorascope.kernels.gemm_triton import HAS_TRITON, MAX_TOKENS, GemmConfig, default_config, skinny_linear
 
 HAS_CUDA = torch.cuda.is_available()
@@ -85,8 +82,4 @@ def test_default_config_fills_the_gpu_and_bad_input_is_named() -> None:
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRETED or not HAS_TRITON, reason="the kernels run natively on CUDA")
 def test_kernels_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "test_kernel_",
-                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
+    run_file_under_interpreter(__file__)

@@ -57,15 +57,14 @@ class GemmConfig:
     num_stages: int = 4
 
 
-def default_config(m: int, n: int, k: int) -> GemmConfig:
-    """Tiles of 64 outputs, K tiles of 128, and the smallest power-of-two split that gives at least two
-    programs per SM (at most 16 splits, each at least 512 deep)."""
-    block_n, block_k = 64, 128
+def default_config(m: int, n: int, k: int, block_n: int = 64) -> GemmConfig:
+    """Tiles of `block_n` outputs, K tiles of 128, and the smallest power-of-two split that gives at
+    least two programs per SM (at most 16 splits, each at least 512 deep)."""
     tiles = _cdiv(n, block_n)
     split = 1
     while tiles * split < 2 * _NUM_SMS and split < 16 and k // (2 * split) >= 512:
         split *= 2
-    return GemmConfig(block_n=block_n, block_k=block_k, split_k=split)
+    return GemmConfig(block_n=block_n, block_k=128, split_k=split)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -208,8 +208,8 @@ OVERLAP_MAX_TOKENS = 8
 # after it, which removes the two grouped launches per group. Each token re-reads its adapter's A rows
 # (from L2 after the first token of a segment), so long prefill chunks keep the grouped kernels, whose
 # 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). Off by default:
-# tested against the grouped kernels under Triton's interpreter, not yet timed (or compiled) on a GPU
-# (benchmarks/RESULTS.md, 2026-12-06 session 9); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it for a process.
+# its current version (u's partials loaded as one tile) is interpreter-tested only; the previous one gained
+# 1.0% on an H100 (benchmarks/RESULTS.md, 2026-12-07 session 10); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it.
 def _max_tokens_env(name: str, default: int = 0) -> int:
     env = os.environ.get(name)
     if env is None or env == "":
