@@ -35,3 +35,17 @@ timeout 240 python3 benchmarks/gpu_step_ab.py --out "$out/step_ab.json" \
     --variants lora-fused,lora-grouped,lora-fused+gemm-skinny,lora-grouped+gemm-skinny,lora-fused > "$out/step_ab.log" 2>&1
 echo "step_ab rc $?"; grep -o '"variant": "[a-z+-]*", "decode_ms": [0-9.]*' "$out/step_ab.log"
 fi
+
+# 4. (its own call: STAGES=seed) the c=32 seed cells (N=1 and N=1000 uniform) with the knobs in SEED_ENV, then
+#    with the defaults, in one process each:  STAGES=seed SEED_BUDGET_S=200 SEED_ENV="LORASCOPE_FUSED_LORA_MAX_TOKENS=256
+#    LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128" bash benchmarks/gpu_gemm_check.sh
+if [[ $stages == *" seed "* ]]; then
+seed_budget="${SEED_BUDGET_S:-200}"
+for arm in knobs defaults; do
+    envs=""; [[ $arm == knobs ]] && envs="${SEED_ENV:-LORASCOPE_FUSED_LORA_MAX_TOKENS=256 LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128}"
+    env $envs timeout $((seed_budget + 60)) python3 benchmarks/gpu_seed.py --out "$out/seed_$arm" \
+        --budget-s "$seed_budget" --requests-scale 1.5 --only 'main/n1-uniform-c32|main/n1000-uniform-c32' \
+        > "$out/seed_$arm.log" 2>&1
+    echo "seed ($arm: ${envs:-defaults}) rc $?"; tail -8 "$out/seed_$arm.log"
+done
+fi
