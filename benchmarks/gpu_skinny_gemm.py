@@ -92,6 +92,13 @@ def main() -> None:
                     if ok(r2):
                         found[shape].append(r2)
         best[(shape, m0)] = sorted(found[shape], key=lambda r: r["us"])[:3]
+    pdl_rows = []  # stage 2b: each shape's best with programmatic dependent launch, then a layer's chain
+    for shape in SHAPES:
+        if best[(shape, m0)]:
+            r = timed(shape, m0, replace(GemmConfig(**best[(shape, m0)][0]["config"]), pdl=True))
+            if r is not None:
+                pdl_rows.append(r)
+    chain = chain_ms(weights, m0, {s: GemmConfig(**best[(s, m0)][0]["config"]) for s in SHAPES if best[(s, m0)]}, t_end)
     for m in tokens[1:]:  # stage 3
         for shape in SHAPES:
             timed(shape, m, None)
@@ -108,8 +115,37 @@ def main() -> None:
         summary.append(line)
         print(json.dumps(line), flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"pdl_per_shape": [{k: r.get(k) for k in ("shape", "us", "error")} for r in pdl_rows],
+                      "chain_ms": chain}), flush=True)
     args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "summary": summary, "rows": rows}, indent=1))
+                                    "summary": summary, "pdl": pdl_rows, "chain_ms": chain, "rows": rows}, indent=1))
+
+
+def chain_ms(weights: dict, m: int, cfgs: dict[str, GemmConfig], t_end: float) -> dict:
+    """The 32 layers' GEMMs in a step's order (qkv, o, gate_up, down; each reading the previous one's
+    output, as in a layer) in one graph: cuBLASLt, the best configs, the best configs with PDL. ms a step."""
+    if len(cfgs) != len(SHAPES) or time.monotonic() > t_end:
+        return {}
+    dev, dt = "cuda", torch.bfloat16
+    h = SHAPES["qkv"][0]
+    x = torch.randn(m, h, device=dev, dtype=dt)
+    a = torch.randn(m, SHAPES["o"][0], device=dev, dtype=dt)
+    g = torch.randn(m, SHAPES["down"][0], device=dev, dtype=dt)
+    res = {}
+    for name, pdl in (("cublaslt", None), ("triton", False), ("triton_pdl", True)):
+        def run(pdl=pdl) -> None:
+            for i in range(LAYERS):
+                for s, inp in (("qkv", x), ("o", a), ("gate_up", x), ("down", g)):
+                    w = weights[s][i]
+                    if pdl is None:
+                        F.linear(inp, w)
+                    else:
+                        skinny_linear(inp, w, config=replace(cfgs[s], pdl=pdl))
+        try:
+            res[name] = replay_ms(run)
+        except Exception as e:  # e.g. a Triton without launch_pdl
+            res[name] = f"{type(e).__name__}: {str(e)[:200]}"
+    return res
 
 
 if __name__ == "__main__":
