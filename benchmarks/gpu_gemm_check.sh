@@ -27,7 +27,7 @@ fi
 if [[ $stages == *" gemm "* ]]; then
 PYTHONPATH=src:benchmarks timeout 200 python3 benchmarks/gpu_skinny_gemm.py --out "$out/skinny_gemm.json" \
     --budget-s "${GEMM_BUDGET_S:-140}" > "$out/skinny.log" 2>&1
-echo "skinny_gemm rc $?"; grep '"per_shape"' "$out/skinny.log" | cut -c1-900
+echo "skinny_gemm rc $?"; grep -E '"per_shape"|"chain_ms"' "$out/skinny.log" | cut -c1-900
 fi
 
 if [[ $stages == *" ab "* ]]; then
