@@ -79,14 +79,19 @@ def main() -> None:
     best: dict[tuple[str, int], list[dict]] = {}
     m0 = tokens[0]
     found: dict[str, list[dict]] = {shape: [] for shape in SHAPES}
-    for shape, (k, n) in SHAPES.items():  # stage 1: tiles x splits x operand order
+    for shape in SHAPES:
         timed(shape, m0, None)
-        for block_n, block_k, swap in itertools.product((32, 64, 128), (128, 256), (True, False)):
+    # stage 1: tiles x splits x operand order, the likeliest first and every shape in turn, so that a
+    # short budget still leaves each shape a few configs
+    for block_n, block_k, swap, double in itertools.product((64, 128, 32), (128, 256), (True, False), (False, True)):
+        for shape, (k, n) in SHAPES.items():
             s = default_config(m0, n, k, block_n).split_k
-            for split in sorted({s, min(16, 2 * s)}):
-                r = timed(shape, m0, GemmConfig(block_n=block_n, block_k=block_k, split_k=split, swap=swap))
-                if ok(r):
-                    found[shape].append(r)
+            split = min(16, 2 * s) if double else s
+            if double and split == s:
+                continue
+            r = timed(shape, m0, GemmConfig(block_n=block_n, block_k=block_k, split_k=split, swap=swap))
+            if ok(r):
+                found[shape].append(r)
     deadline["t"] = t0 + 0.75 * args.budget_s
     for shape in SHAPES:  # stage 2: warps and stages around the best two
         for r in sorted(found[shape], key=lambda r: r["us"])[:2]:
