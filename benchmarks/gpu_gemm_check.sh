@@ -32,7 +32,7 @@ fi
 
 if [[ $stages == *" ab "* ]]; then
 timeout 240 python3 benchmarks/gpu_step_ab.py --out "$out/step_ab.json" \
-    --variants lora-fused,lora-grouped,lora-fused+gemm-skinny,lora-grouped+gemm-skinny,lora-fused > "$out/step_ab.log" 2>&1
+    --variants lora-grouped,lora-grouped+gemm-skinny,lora-fused+gemm-skinny,lora-fused,lora-grouped > "$out/step_ab.log" 2>&1
 echo "step_ab rc $?"; grep -o '"variant": "[a-z+-]*", "decode_ms": [0-9.]*' "$out/step_ab.log"
 fi
 
