@@ -8,7 +8,9 @@ prefetch). `lora-fused` / `lora-grouped`: the q/k/v and gate/up LoRA folded into
 kernels (model/layers.py `LORA_FUSION`, at most 256 tokens) against the grouped shrink + expand launches; these
 two differ in float32 summation order, so their tokens may differ. `gemm-skinny` / `gemm-cublas`: the weight
 GEMMs of steps up to 128 tokens through the split-K Triton kernel (model/layers.py `SKINNY_GEMM`,
-kernels/gemm_triton.py) against cuBLASLt. A variant may join several with "+": `lora-fused+gemm-skinny`.
+kernels/gemm_triton.py) against cuBLASLt. `pdl` / `nopdl`: the step's Triton kernels with programmatic
+dependent launch (kernels/_triton.py `PDL`) or without. A variant may join several with "+":
+`lora-fused+gemm-skinny+pdl`.
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import lorascope.kernels._triton as triton_shared
 import lorascope.kernels.varlen_attention_triton as varlen
 import lorascope.model.layers as layers
 from gpu_profile_decode import _replay_ms
@@ -46,6 +49,8 @@ FUSION_DEFAULT = dict(layers.LORA_FUSION)
 LORA = {"lora-fused": {"max_tokens": 256}, "lora-grouped": {"max_tokens": 0}}
 GEMM_DEFAULT = dict(layers.SKINNY_GEMM)
 GEMM = {"gemm-skinny": {"max_tokens": 128}, "gemm-cublas": {"max_tokens": 0}}
+PDL_DEFAULT = dict(triton_shared.PDL)
+PDL = {"pdl": {"enabled": True}, "nopdl": {"enabled": False}}
 
 
 def main() -> None:
@@ -71,15 +76,23 @@ def main() -> None:
     for variant in args.variants.split(","):
         parts = variant.split("+")
         for part in parts:
-            if part not in ("overlap", "serial", *ATTN, *LORA, *GEMM):
-                raise SystemExit(f"unknown variant {part!r}: overlap, serial or one of {', '.join([*ATTN, *LORA, *GEMM])}")
+            if part not in ("overlap", "serial", *ATTN, *LORA, *GEMM, *PDL):
+                raise SystemExit(f"unknown variant {part!r}: overlap, serial or one of "
+                                 f"{', '.join([*ATTN, *LORA, *GEMM, *PDL])}")
         runner.side_stream = None if "serial" in parts else side
         varlen.TUNING.update(next((ATTN[p] for p in parts if p in ATTN), ATTN_DEFAULT))
         layers.LORA_FUSION.update(next((LORA[p] for p in parts if p in LORA), FUSION_DEFAULT))
         layers.SKINNY_GEMM.update(next((GEMM[p] for p in parts if p in GEMM), GEMM_DEFAULT))
+        triton_shared.PDL.update(next((PDL[p] for p in parts if p in PDL), PDL_DEFAULT))
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
-        outs = llm.generate(prompts, params, names)
+        try:
+            outs = llm.generate(prompts, params, names)
+        except Exception as e:  # e.g. a Triton without programmatic dependent launch: say so, go on
+            row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            continue
         tokens = [o.token_ids for o in outs]
         first_tokens = first_tokens or tokens
         replay = {b: _replay_ms(g.graph, args.replays) for b, g in sorted(runner.graphs.items())}

@@ -24,7 +24,8 @@ launches, so the kernel has fixed shapes, no host sync and no per-call memset: i
 CUDA graph. Two launches that share counters must not run at the same time, which holds for launches on
 one stream; each stream gets its own counters.
 
-`pdl` launches with programmatic dependent launch (Hopper and later): the kernel may start while the
+`pdl` (None: the LORASCOPE_PDL knob, kernels/_triton.py) launches with programmatic dependent launch
+(Hopper and later): the kernel may start while the
 launch before it on the stream is still finishing. Each program loads its first weight tile (weights are
 never written by a step), then waits for the previous launch to finish and flush (`gdc_wait`) before it
 reads x or touches the workspace and counters, and lets the next launch start once all of its programs
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascope.kernels._triton import HAS_TRITON, tl, triton
+from lorascope.kernels._triton import HAS_TRITON, pdl_args, tl, triton
 from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
 from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
 from lorascope.kernels._triton import next_pow2 as _next_pow2
@@ -62,7 +63,7 @@ class GemmConfig:
     swap: bool = True
     num_warps: int = 4
     num_stages: int = 4
-    pdl: bool = False  # programmatic dependent launch (the module docstring; Hopper and later, not interpreted)
+    pdl: bool | None = None  # programmatic dependent launch (the module docstring); None: the PDL knob (_triton.py)
 
 
 def default_config(m: int, n: int, k: int, block_n: int = 64) -> GemmConfig:
@@ -127,12 +128,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         ws, counters = out, out  # never touched
     ieee = x.dtype == torch.float32 or _INTERPRETED
-    pdl = cfg.pdl and not _INTERPRETED and x.is_cuda
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = pdl_args(x, cfg.pdl)
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, bias if bias is not None else out, out, ws, counters, m, n, k, x.stride(0), weight.stride(0),
         K_PER_SPLIT=k_per_split, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SWAP=cfg.swap, HAS_BIAS=bias is not None, IEEE=ieee, PDL=pdl, num_warps=cfg.num_warps,
+        SWAP=cfg.swap, HAS_BIAS=bias is not None, IEEE=ieee, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **launch,
     )
     return out
