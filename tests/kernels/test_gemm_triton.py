@@ -94,6 +94,25 @@ def test_pdl_chain_of_dependent_launches_matches_plain(split: int) -> None:
         assert torch.equal(got, want)
 
 
+def test_pdl_is_off_without_a_hopper_cuda_device_or_under_the_interpreter() -> None:
+    import lorascope.kernels._triton as shared
+
+    cpu = torch.zeros(1)
+    saved = dict(shared.PDL)
+    try:
+        shared.PDL["enabled"] = True
+        assert shared.pdl_args(cpu) == {"PDL": False}  # a CPU tensor: never
+        assert shared.pdl_args(cpu, want=True) == {"PDL": False}
+        shared.PDL["enabled"] = False
+        assert shared.pdl_args(cpu) == {"PDL": False}
+        if HAS_CUDA and not INTERPRETED:
+            on = shared.pdl_args(torch.zeros(1, device="cuda"), want=True)
+            assert on["PDL"] == (torch.cuda.get_device_capability()[0] >= 9) == ("launch_pdl" in on)
+            assert shared.pdl_args(torch.zeros(1, device="cuda")) == {"PDL": False}  # the knob is off
+    finally:
+        shared.PDL.update(saved)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_default_config_fills_the_gpu_and_bad_input_is_named() -> None:
     cfg = default_config(32, 4096, 4096)  # o_proj: 64 tiles, so it splits K
