@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # One device call for the split-K skinny GEMM (kernels/gemm_triton.py, added 2026-12-07, session 11), with
 # the fused LoRA's pending checks (gpu_fusion_check.sh), in order of what matters:
-#   1. native tests: the GEMM kernel against F.linear (and its PDL chain); the fused kernels; the CUDA-graph
+#   1. native tests: the GEMM kernel against F.linear; the fused kernels; the CUDA-graph
 #      engine against HF + PEFT with the fusion and the skinny GEMM on (the fusion alone passed in session 10);
-#   2. the captured batch-32 decode step: fused / grouped LoRA, with cuBLASLt or the kernel, with and without
-#      programmatic dependent launch of the step's Triton kernels (LORASCOPE_PDL, kernels/_triton.py);
-#   3. the four weight GEMMs of a layer, cuBLASLt against the kernel's configs, and a layer chain with PDL
+#   2. the captured batch-32 decode step: fused / grouped LoRA, with cuBLASLt or the kernel;
+#   3. the four weight GEMMs of a layer, cuBLASLt against the kernel's configs, and a layer's chain
 #      (gpu_skinny_gemm.py).
 # Run from the repository root on the device:  bash benchmarks/gpu_gemm_check.sh   (writes under $OUT)
 set -u
@@ -17,18 +16,18 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 git log --oneline -1
 
 if [[ $stages == *" tests "* ]]; then
-{ LORASCOPE_PDL=1 LORASCOPE_FUSED_LORA_MAX_TOKENS=256 timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
+{ LORASCOPE_FUSED_LORA_MAX_TOKENS=256 timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
     tests/kernels/test_gemm_triton.py tests/kernels/test_fused_triton.py
-  echo "kernels (PDL on): rc $?"
-  LORASCOPE_PDL=1 LORASCOPE_FUSED_LORA_MAX_TOKENS=256 LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128 timeout 150 \
+  echo "kernels: rc $?"
+  LORASCOPE_FUSED_LORA_MAX_TOKENS=256 LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128 timeout 150 \
     python3 -m pytest -q -x -p no:cacheprovider tests/engine/test_cuda_graphs.py
-  echo "engine, fused+skinny+PDL: rc $?"; } > "$out/tests.log" 2>&1
+  echo "engine, fused+skinny: rc $?"; } > "$out/tests.log" 2>&1
 grep -E "rc [0-9]|passed|failed|Error" "$out/tests.log" | head -20
 fi
 
 if [[ $stages == *" ab "* ]]; then
 timeout 240 python3 benchmarks/gpu_step_ab.py --out "$out/step_ab.json" \
-    --variants "${AB_VARIANTS:-lora-grouped,lora-grouped+gemm-skinny+pdl,lora-grouped+gemm-skinny,lora-fused+gemm-skinny+pdl,lora-grouped+pdl,lora-fused,lora-grouped}" \
+    --variants "${AB_VARIANTS:-lora-grouped,lora-grouped+gemm-skinny,lora-fused+gemm-skinny,lora-fused,lora-grouped}" \
     > "$out/step_ab.log" 2>&1
 echo "step_ab rc $?"; grep -oE "\"variant\": \"[a-z+-]*\", (\"decode_ms\": [0-9.]*|\"error\": .{0,160})" "$out/step_ab.log"
 fi

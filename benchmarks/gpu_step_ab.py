@@ -8,9 +8,9 @@ prefetch). `lora-fused` / `lora-grouped`: the q/k/v and gate/up LoRA folded into
 kernels (model/layers.py `LORA_FUSION`, at most 256 tokens) against the grouped shrink + expand launches; these
 two differ in float32 summation order, so their tokens may differ. `gemm-skinny` / `gemm-cublas`: the weight
 GEMMs of steps up to 128 tokens through the split-K Triton kernel (model/layers.py `SKINNY_GEMM`,
-kernels/gemm_triton.py) against cuBLASLt. `pdl` / `nopdl`: the step's Triton kernels with programmatic
-dependent launch (kernels/_triton.py `PDL`) or without. A variant may join several with "+":
-`lora-fused+gemm-skinny+pdl`.
+kernels/gemm_triton.py) against cuBLASLt. A variant may join several with "+": `lora-fused+gemm-skinny`.
+A variant whose generate fails is recorded with its error; requests it left in flight can change the
+next variant's batches (and so its tokens).
 
     PYTHONPATH=src python3 benchmarks/gpu_step_ab.py --out $OUT/step_ab.json [--batch 32] [--variants overlap,serial]
 
@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-import lorascope.kernels._triton as triton_shared
 import lorascope.kernels.varlen_attention_triton as varlen
 import lorascope.model.layers as layers
 from gpu_profile_decode import _replay_ms
@@ -46,11 +45,9 @@ ATTN = {
 }
 ATTN_DEFAULT = dict(varlen.TUNING)
 FUSION_DEFAULT = dict(layers.LORA_FUSION)
-LORA = {"lora-fused": {"max_tokens": 256}, "lora-grouped": {"max_tokens": 0}}
+LORA = {"lora-fused": {"max_tokens": 256, "min_tokens": 0}, "lora-grouped": {"max_tokens": 0}}
 GEMM_DEFAULT = dict(layers.SKINNY_GEMM)
 GEMM = {"gemm-skinny": {"max_tokens": 128}, "gemm-cublas": {"max_tokens": 0}}
-PDL_DEFAULT = dict(triton_shared.PDL)
-PDL = {"pdl": {"enabled": True}, "nopdl": {"enabled": False}}
 
 
 def main() -> None:
@@ -76,14 +73,12 @@ def main() -> None:
     for variant in args.variants.split(","):
         parts = variant.split("+")
         for part in parts:
-            if part not in ("overlap", "serial", *ATTN, *LORA, *GEMM, *PDL):
-                raise SystemExit(f"unknown variant {part!r}: overlap, serial or one of "
-                                 f"{', '.join([*ATTN, *LORA, *GEMM, *PDL])}")
+            if part not in ("overlap", "serial", *ATTN, *LORA, *GEMM):
+                raise SystemExit(f"unknown variant {part!r}: overlap, serial or one of {', '.join([*ATTN, *LORA, *GEMM])}")
         runner.side_stream = None if "serial" in parts else side
         varlen.TUNING.update(next((ATTN[p] for p in parts if p in ATTN), ATTN_DEFAULT))
         layers.LORA_FUSION.update(next((LORA[p] for p in parts if p in LORA), FUSION_DEFAULT))
         layers.SKINNY_GEMM.update(next((GEMM[p] for p in parts if p in GEMM), GEMM_DEFAULT))
-        triton_shared.PDL.update(next((PDL[p] for p in parts if p in PDL), PDL_DEFAULT))
         runner.graphs.clear()
         runner._pool = None  # the cleared graphs' pool is gone with them
         try:

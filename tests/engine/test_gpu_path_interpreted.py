@@ -31,7 +31,7 @@ from lorascope.adapters.synthetic import make_adapters
 from pathlib import Path
 import lorascope.model.layers as layers
 model, root = sys.argv[1], Path(sys.argv[2])
-layers.LORA_FUSION["max_tokens"] = int(sys.argv[3])  # q/k/v, gate/up LoRA fused into the norm/rotary/SiLU kernels
+layers.LORA_FUSION.update(max_tokens=int(sys.argv[3]), min_tokens=0)  # q/k/v, gate/up LoRA fused into the norm/rotary/SiLU kernels
 names = [p.name for p in make_adapters(root, model, 4, [8, 16], ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                    "up_proj", "down_proj"], seed=5)] + [None]
 gen = torch.Generator().manual_seed(2)

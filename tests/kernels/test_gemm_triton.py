@@ -64,55 +64,6 @@ def test_kernel_writes_into_out_and_leaves_other_buffers_alone() -> None:
     torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not (HAS_CUDA and HAS_TRITON) or INTERPRETED, reason="PDL needs a CUDA device (Hopper for overlap)")
-@pytest.mark.parametrize("split", [1, 4])
-def test_pdl_chain_of_dependent_launches_matches_plain(split: int) -> None:
-    """Each GEMM reads the one before it (y = W2 (W1 x)), with PDL on: the wait must order the reads of
-    x, the workspace and the counters after the previous launch, eagerly and inside a CUDA graph."""
-    x, w1, b1 = _operands(32, 512, 1024, torch.bfloat16, bias=True, seed=11)
-    _, w2, _ = _operands(32, 1024, 512, torch.bfloat16, bias=False, seed=12)
-    plain = GemmConfig(block_n=64, block_k=128, split_k=split)
-    pdl = GemmConfig(block_n=64, block_k=128, split_k=split, pdl=True)
-
-    def chain(cfg: GemmConfig) -> torch.Tensor:
-        h = x
-        for _ in range(4):
-            h = skinny_linear(skinny_linear(h, w1, b1, config=cfg), w2, config=cfg)
-        return h
-
-    # the peeled first K tile may round differently from the plain loop's; a race would be far off
-    want = chain(pdl)
-    torch.testing.assert_close(want.float(), chain(plain).float(), rtol=2 ** -6, atol=2e-2)
-    assert torch.equal(chain(pdl), want)  # and the same bits every launch
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got = chain(pdl)
-    for _ in range(3):
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(got, want)
-
-
-def test_pdl_is_off_without_a_hopper_cuda_device_or_under_the_interpreter() -> None:
-    import lorascope.kernels._triton as shared
-
-    cpu = torch.zeros(1)
-    saved = dict(shared.PDL)
-    try:
-        shared.PDL["enabled"] = True
-        assert shared.pdl_args(cpu) == {"PDL": False}  # a CPU tensor: never
-        assert shared.pdl_args(cpu, want=True) == {"PDL": False}
-        shared.PDL["enabled"] = False
-        assert shared.pdl_args(cpu) == {"PDL": False}
-        if HAS_CUDA and not INTERPRETED:
-            on = shared.pdl_args(torch.zeros(1, device="cuda"), want=True)
-            assert on["PDL"] == (torch.cuda.get_device_capability()[0] >= 9) == ("launch_pdl" in on)
-            assert shared.pdl_args(torch.zeros(1, device="cuda")) == {"PDL": False}  # the knob is off
-    finally:
-        shared.PDL.update(saved)
-
-
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_default_config_fills_the_gpu_and_bad_input_is_named() -> None:
     cfg = default_config(32, 4096, 4096)  # o_proj: 64 tiles, so it splits K

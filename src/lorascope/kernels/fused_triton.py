@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascope.kernels._triton import HAS_TRITON, pdl_args, tl, triton
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
 from lorascope.kernels._triton import next_pow2 as _next_pow2
 
 # The widest padded rank the fused LoRA path takes (its [rank, chunk] tiles live in registers).
@@ -164,7 +164,7 @@ def add_rmsnorm_shrink(residual: torch.Tensor, delta: torch.Tensor | None, weigh
         seg.stride(0), seg.shape[1], a[0].stride(0), a[0].stride(1), u.stride(0), u.stride(1), u.stride(2),
         HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
         LORA_M=len(present), R=r_pad, CHUNK=chunk, SUB=sub, SEG_PAD=_next_pow2(seg.shape[1]),
-        num_warps=4, **pdl_args(residual),
+        num_warps=4,
     )
     return new_res, out, lora.with_u(u)
 
@@ -232,7 +232,7 @@ def add_rmsnorm(residual: torch.Tensor, delta: torch.Tensor | None, weight: torc
         residual, residual if delta is None else delta, weight, out, h, eps,
         residual.stride(0), 0 if delta is None else delta.stride(0), out.stride(0),
         HAS_DELTA=delta is not None, BLOCK=block, BF16=weight.dtype == torch.bfloat16,
-        num_warps=min(16, max(4, block // 512)), **pdl_args(residual),
+        num_warps=min(16, max(4, block // 512)),
     )
     return out
 
@@ -251,7 +251,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, lora: FusedLoRA | None = None
     block = 1024 if lora is None else max(64, 4096 // lora_consts["R"])
     _silu_mul_kernel[(t, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0), out.stride(0),
                                                  *lora_args, BLOCK=block, BF16=gate.dtype == torch.bfloat16,
-                                                 **lora_consts, num_warps=4, **pdl_args(gate))
+                                                 **lora_consts, num_warps=4)
     return out
 
 
@@ -285,7 +285,7 @@ def rope_and_cache(
         q, k, v, cos, sin, positions, slot_mapping, k_cache, v_cache,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), k_cache.stride(0), v_cache.stride(0),
         heads, *lora_args, HALF=half, BLOCK=_next_pow2(half), BF16=q.dtype == torch.bfloat16, **lora_consts,
-        num_warps=(1 if half <= 64 else 2) if lora is None else 4, **pdl_args(q),
+        num_warps=(1 if half <= 64 else 2) if lora is None else 4,
     )
 
 
@@ -345,14 +345,10 @@ if HAS_TRITON:
 
     @triton.jit
     def _add_rmsnorm_kernel(res_ptr, delta_ptr, w_ptr, out_ptr, n, eps, stride_res, stride_delta, stride_out,
-                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, PDL: tl.constexpr):
+                            HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the PDL wait
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
             x = x + tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
@@ -360,6 +356,7 @@ if HAS_TRITON:
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
         dtype = out_ptr.dtype.element_ty
         normed = _round_to(x * rstd, dtype, BF16)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_out + cols, (w * normed).to(dtype), mask=mask)
 
     @triton.jit
@@ -368,27 +365,23 @@ if HAS_TRITON:
                                    r2_ptr, seg_stride, num_seg, sa_s, sa_r, su_s, su_m, su_t,
                                    HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr,
                                    LORA_M: tl.constexpr, R: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                                   SEG_PAD: tl.constexpr, PDL: tl.constexpr):
+                                   SEG_PAD: tl.constexpr):
         """Program (row, split): the row's RMS from all of it, then columns [split * CHUNK, +CHUNK): the new
         residual and h there, and the shrink's partial sum over them, u[split, m, row] = A_m[slot, :, cols] @ h."""
         row = tl.program_id(0).to(tl.int64)
         split = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
         mask = cols < n
-        # the step's LoRA metadata: before the PDL wait
-        s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
-        slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
-        rank0 = tl.where(found, tl.load(r0_ptr + s), 0)
-        rank1 = tl.where(found, tl.load(r1_ptr + s), 0)
-        rank2 = tl.where(found, tl.load(r2_ptr + s), 0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         x = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_DELTA:
             x = x + tl.load(delta_ptr + row * stride_delta + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n + eps)
         dtype = out_ptr.dtype.element_ty
+        s, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+        slot = tl.load(seg_ptr + 2 * seg_stride + s).to(tl.int64)
+        rank0 = tl.where(found, tl.load(r0_ptr + s), 0)
+        rank1 = tl.where(found, tl.load(r1_ptr + s), 0)
+        rank2 = tl.where(found, tl.load(r2_ptr + s), 0)
         acc0 = tl.zeros((R, SUB), dtype=tl.float32)
         acc1 = tl.zeros((R, SUB), dtype=tl.float32)
         acc2 = tl.zeros((R, SUB), dtype=tl.float32)
@@ -422,20 +415,16 @@ if HAS_TRITON:
                          seg_stride, num_seg, su_s, su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
                          BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr, U0: tl.constexpr,
                          U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr, SEG_PAD: tl.constexpr,
-                         SPLITS: tl.constexpr, PDL: tl.constexpr):
+                         SPLITS: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n
         dtype = out_ptr.dtype.element_ty
-        if LORA:  # the step's LoRA metadata: before the PDL wait
-            sidx, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
-            slot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
         if LORA:  # gate (member 0) and up (member 1) get their deltas, rounded as the grouped expand's y
+            sidx, found = _segment_of(row, seg_ptr, seg_stride, num_seg, SEG_PAD)
+            slot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
             if U0 >= 0:
                 rank = tl.where(found, tl.load(r0_ptr + sidx), 0)
                 lu = _load_u(lu_ptr + U0 * su_m + row * su_t, su_s, tl.load(sc0_ptr + sidx), rank, dtype, R, SPLITS)
@@ -456,7 +445,7 @@ if HAS_TRITON:
                            seg_ptr, seg_stride, num_seg, su_s, su_m, su_t, sb0_s, sb1_s, sb2_s, sb_n,
                            HALF: tl.constexpr, BLOCK: tl.constexpr, BF16: tl.constexpr, LORA: tl.constexpr,
                            U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr, R: tl.constexpr,
-                           SEG_PAD: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+                           SEG_PAD: tl.constexpr, SPLITS: tl.constexpr):
         tok = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)
         cols = tl.arange(0, BLOCK)
@@ -471,9 +460,6 @@ if HAS_TRITON:
         if LORA:
             sidx, found = _segment_of(tok, seg_ptr, seg_stride, num_seg, SEG_PAD)
             lslot = tl.load(seg_ptr + 2 * seg_stride + sidx).to(tl.int64)
-        if PDL:  # positions, cos / sin and the LoRA metadata above are the step's inputs: read before the wait
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         if head < heads:
             src = q_ptr + tok * stride_q + head * (2 * HALF)
             dst = src

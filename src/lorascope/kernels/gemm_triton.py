@@ -24,14 +24,6 @@ launches, so the kernel has fixed shapes, no host sync and no per-call memset: i
 CUDA graph. Two launches that share counters must not run at the same time, which holds for launches on
 one stream; each stream gets its own counters.
 
-`pdl` (None: the LORASCOPE_PDL knob, kernels/_triton.py) launches with programmatic dependent launch
-(Hopper and later): the kernel may start while the
-launch before it on the stream is still finishing. Each program loads its first weight tile (weights are
-never written by a step), then waits for the previous launch to finish and flush (`gdc_wait`) before it
-reads x or touches the workspace and counters, and lets the next launch start once all of its programs
-are running (`gdc_launch_dependents`). So the previous kernel's tail and this launch's start overlap
-with weight traffic. Off under Triton's interpreter (it has no grid-dependency control).
-
 Inputs: x [M, K] and W [N, K] (torch's Linear layout) of one dtype (bfloat16, float16 or float32),
 contiguous in K; bias [N] or None; M <= 128 (`MAX_TOKENS`: larger steps are compute-bound and belong to
 cuBLAS). float32 uses IEEE dots. Under Triton's interpreter half-precision dots go up to float32 (see
@@ -44,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lorascope.kernels._triton import HAS_TRITON, pdl_args, tl, triton
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
 from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
 from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
 from lorascope.kernels._triton import next_pow2 as _next_pow2
@@ -63,7 +55,6 @@ class GemmConfig:
     swap: bool = True
     num_warps: int = 4
     num_stages: int = 4
-    pdl: bool | None = None  # programmatic dependent launch (the module docstring); None: the PDL knob (_triton.py)
 
 
 def default_config(m: int, n: int, k: int, block_n: int = 64) -> GemmConfig:
@@ -128,12 +119,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     else:
         ws, counters = out, out  # never touched
     ieee = x.dtype == torch.float32 or _INTERPRETED
-    launch = pdl_args(x, cfg.pdl)
     _skinny_gemm_kernel[(tiles, split)](
         x, weight, bias if bias is not None else out, out, ws, counters, m, n, k, x.stride(0), weight.stride(0),
         K_PER_SPLIT=k_per_split, SPLIT_K=split, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SWAP=cfg.swap, HAS_BIAS=bias is not None, IEEE=ieee, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **launch,
+        SWAP=cfg.swap, HAS_BIAS=bias is not None, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -145,7 +134,6 @@ if HAS_TRITON:
         x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, sx_m, sw_n,
         K_PER_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SWAP: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -161,25 +149,7 @@ if HAS_TRITON:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PDL:  # the first weight tile before the wait (weights are not written by the previous launch)
-            k = k0 + offs_k
-            k_ok = k < K
-            wt = tl.load(w_base[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-            if SWAP:
-                xt = tl.load(x_base[None, :] + k[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-                if IEEE:
-                    acc += tl.dot(wt.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(wt, xt)
-            else:
-                xt = tl.load(x_base[:, None] + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                if IEEE:
-                    acc += tl.dot(xt.to(tl.float32), tl.trans(wt.to(tl.float32)), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, tl.trans(wt))
-        for kk in range(BLOCK_K if PDL else 0, K_PER_SPLIT, BLOCK_K):
+        for kk in range(0, K_PER_SPLIT, BLOCK_K):
             k = k0 + kk + offs_k
             k_ok = k < K
             wt = tl.load(w_base[:, None] + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)

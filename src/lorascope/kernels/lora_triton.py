@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorascope.kernels._triton import HAS_TRITON, pdl_args, tl, triton
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
 from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
 from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
 from lorascope.kernels._triton import next_pow2 as _next_pow2
@@ -417,7 +417,6 @@ def lora_multi_shrink(x: torch.Tensor, modules: Sequence[tuple[torch.Tensor, LoR
             meta.seg.stride(0), fan_in, x.stride(0), x.stride(1), a0.stride(0), a0.stride(1), a0.stride(2), u.stride(0),
             u.stride(1), u.stride(2), K_PER_SPLIT=plan.k_per_split, SPLIT=plan.split, BLOCK_M=meta.block_m,
             BLOCK_K=_MULTI_BLOCK_K, R=r_pad, IEEE=ieee,
-            **pdl_args(x, None if stream is None else False),  # not beside the GEMM: its wait is an event's
         )
     return Shrunk(u, x, plan, r_pad, ieee)
 
@@ -442,7 +441,6 @@ def lora_multi_expand(shrunk: Shrunk, targets: Sequence[tuple[torch.Tensor, torc
         u.stride(0), u.stride(1), u.stride(2), b0.stride(0), b0.stride(1), b0.stride(2), b1.stride(0), b1.stride(1),
         b1.stride(2), b2.stride(0), b2.stride(1), b2.stride(2), y0.stride(0), y1.stride(0), y2.stride(0),
         SPLIT=plan.split, BLOCK_M=meta.block_m, BLOCK_N=plan.block_n, R=shrunk.r_pad, IEEE=shrunk.ieee,
-        **pdl_args(u),
     )
 
 
@@ -453,7 +451,7 @@ if HAS_TRITON:
         x_ptr, a0_ptr, a1_ptr, a2_ptr, u_ptr, seg_ptr, tile_ptr, r0_ptr, r1_ptr, r2_ptr, s0_ptr, s1_ptr, s2_ptr,
         seg_stride, fan_in, sx_t, sx_k, sa_s, sa_r, sa_k, su_m, su_s, su_t,
         K_PER_SPLIT: tl.constexpr, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-        R: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
+        R: tl.constexpr, IEEE: tl.constexpr,
     ):
         mod = tl.program_id(0) // SPLIT
         pid_k = tl.program_id(0) % SPLIT
@@ -484,9 +482,6 @@ if HAS_TRITON:
                 x_base = x_ptr + rows[:, None] * sx_t
                 a_base = a_ptr + slot * sa_s + offs_r[None, :] * sa_r
                 acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-                if PDL:  # the tile map, ranks, scales above are the step's metadata; x comes after the wait
-                    tl.extra.cuda.gdc_wait()
-                    tl.extra.cuda.gdc_launch_dependents()
                 for kk in range(0, K_PER_SPLIT, BLOCK_K):
                     k = pid_k * K_PER_SPLIT + kk + offs_k
                     k_ok = k < fan_in
@@ -505,7 +500,6 @@ if HAS_TRITON:
         n0, n1, n2, t1, t2, su_m, su_s, su_t,
         sb0_s, sb0_n, sb0_r, sb1_s, sb1_n, sb1_r, sb2_s, sb2_n, sb2_r, sy0, sy1, sy2,
         SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr, IEEE: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
@@ -532,19 +526,15 @@ if HAS_TRITON:
                 rows = (start + offs_m).to(tl.int64)
                 offs_r = tl.arange(0, R)
                 r_ok = offs_r < rank
-                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-                n_ok = offs_n < fan_out
-                # B (an adapter's weights, not written by the step) before the PDL wait; u and y after it
-                bt = tl.load(b_ptr + slot * sb_s + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
-                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-                if PDL:
-                    tl.extra.cuda.gdc_wait()
-                    tl.extra.cuda.gdc_launch_dependents()
                 u_ptrs = u_ptr + mod * su_m + rows[:, None] * su_t + offs_r[None, :]
                 u = tl.zeros((BLOCK_M, R), dtype=tl.float32)
                 for s in tl.static_range(SPLIT):  # the deterministic split-K reduction
                     u += tl.load(u_ptrs + s * su_s, mask=row_ok[:, None], other=0.0)
                 u = u.to(b_ptr.dtype.element_ty)
+                offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_ok = offs_n < fan_out
+                bt = tl.load(b_ptr + slot * sb_s + offs_n[None, :] * sb_n + offs_r[:, None] * sb_r,
+                             mask=r_ok[:, None] & n_ok[None, :], other=0.0)
                 if IEEE:
                     delta = tl.dot(u.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
                 else:

@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lorascope.kernels._triton import HAS_TRITON, pdl_args, tl, triton
+from lorascope.kernels._triton import HAS_TRITON, tl, triton
 from lorascope.kernels._triton import INTERPRETED as _INTERPRETED
 from lorascope.kernels._triton import NUM_SMS as _NUM_SMS
 from lorascope.kernels._triton import next_pow2 as _next_pow2
@@ -379,7 +379,6 @@ def paged_varlen_attention(
         PREFETCH_KV=bool(prefetch_kv),
         **consts,
         **launch,
-        **pdl_args(q),
     )
     if num_splits > 1:
         _varlen_reduce_kernel[(tiles, kv_heads)](
@@ -604,7 +603,6 @@ if HAS_TRITON:
         PREFETCH_TABLE: tl.constexpr,
         TABLE_PAD: tl.constexpr,
         PREFETCH_KV: tl.constexpr,
-        PDL: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -621,9 +619,6 @@ if HAS_TRITON:
             t_first = tl.maximum(p_start, t_first)  # both multiples of BLOCK_N
             # a split with no position of this tile exits at once (the reduce never reads it)
             has_tile = has_tile & (t_first < p_end)
-        if PDL:  # the search above read only the step's metadata; q and the cache come after the wait
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
 
         ROWS: tl.constexpr = BLOCK_M * GROUP_PAD
         if has_tile:

@@ -207,9 +207,12 @@ OVERLAP_MAX_TOKENS = 8
 # their GEMM (`fused_lora`): the shrink into the norm before it, the expand into the rotary / SiLU kernel
 # after it, which removes the two grouped launches per group. Each token re-reads its adapter's A rows
 # (from L2 after the first token of a segment), so long prefill chunks keep the grouped kernels, whose
-# 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). Off by default:
-# its current version (u's partials loaded as one tile) is interpreter-tested only; the previous one gained
-# 1.0% on an H100 (benchmarks/RESULTS.md, 2026-12-07 session 10); `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets it.
+# 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). By default steps
+# of 9..64 tokens fuse: measured on an H100 (benchmarks/RESULTS.md, 2026-12-07 session 12), the captured
+# 8B step with 32 adapters, fused against grouped: buckets 16 / 24 / 32 / 64 took 6.03 / 6.06 / 6.15 / 6.43
+# against 6.19 / 6.25 / 6.32 / 6.46 ms, but 128 took 7.21 against 6.90 and 1..8 up to 0.03 ms more (the
+# grouped shrink runs beside the GEMM there, OVERLAP_MAX_TOKENS). `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets
+# the upper bound (0: off); "min_tokens" the lower one.
 def _max_tokens_env(name: str, default: int = 0) -> int:
     env = os.environ.get(name)
     if env is None or env == "":
@@ -219,11 +222,13 @@ def _max_tokens_env(name: str, default: int = 0) -> int:
     return int(env)
 
 
-LORA_FUSION: dict[str, int] = {"max_tokens": _max_tokens_env("LORASCOPE_FUSED_LORA_MAX_TOKENS")}
+LORA_FUSION: dict[str, int] = {"max_tokens": _max_tokens_env("LORASCOPE_FUSED_LORA_MAX_TOKENS", 64),
+                               "min_tokens": OVERLAP_MAX_TOKENS + 1}
 
 # Steps of at most this many tokens run their weight GEMMs through the split-K Triton kernel
-# (kernels/gemm_triton.py) instead of cuBLAS, on CUDA. Off (0) by default: tested against F.linear, not
-# yet timed against cuBLASLt in the engine; `LORASCOPE_SKINNY_GEMM_MAX_TOKENS` sets it for a process.
+# (kernels/gemm_triton.py) instead of cuBLAS, on CUDA. Off (0) by default: on an H100 its best configs were
+# slower than cuBLASLt for every layer GEMM at 32 and 64 tokens, and the captured step 0.43 ms slower
+# (benchmarks/RESULTS.md, 2026-12-07 session 12); `LORASCOPE_SKINNY_GEMM_MAX_TOKENS` sets it for a process.
 SKINNY_GEMM: dict[str, int] = {"max_tokens": _max_tokens_env("LORASCOPE_SKINNY_GEMM_MAX_TOKENS")}
 
 
@@ -240,10 +245,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
 
 def fused_lora(lins: tuple[LoRALinear, ...], ctx: StepContext, tokens: int) -> fused_triton.FusedLoRA | None:
     """The fused kernels' LoRA operands for the group `lins` (q/k/v or gate/up) in this step, or None when
-    the step keeps the grouped kernels: no Triton metadata (CPU), more than LORA_FUSION's tokens, no
+    the step keeps the grouped kernels: no Triton metadata (CPU), tokens outside LORA_FUSION's range, no
     LoRA weights in the group, or a shape the fused kernels do not take (`fused_triton.fusable`)."""
     meta = ctx.lora.kernel_meta if ctx.lora is not None else None
-    if meta is None or tokens > LORA_FUSION["max_tokens"]:
+    if meta is None or not LORA_FUSION["min_tokens"] <= tokens <= LORA_FUSION["max_tokens"]:
         return None
     modules: list[fused_triton.LoRAModule | None] = []
     seg = None
