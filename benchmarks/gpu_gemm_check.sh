@@ -39,12 +39,12 @@ echo "skinny_gemm rc $?"; grep -E '"per_shape"|"chain_ms"' "$out/skinny.log" | c
 fi
 
 # 4. (its own call: STAGES=seed) the c=32 seed cells (N=1 and N=1000 uniform) with the knobs in SEED_ENV, then
-#    with the defaults, in one process each:  STAGES=seed SEED_BUDGET_S=200 SEED_ENV="LORASCOPE_FUSED_LORA_MAX_TOKENS=256
-#    LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128" bash benchmarks/gpu_gemm_check.sh
+#    with the defaults, in one process each; the default SEED_ENV turns the fused LoRA off (grouped kernels),
+#    the A/B of session 12's default (fusion for 9..64-token steps):  STAGES=seed SEED_BUDGET_S=200 bash benchmarks/gpu_gemm_check.sh
 if [[ $stages == *" seed "* ]]; then
 seed_budget="${SEED_BUDGET_S:-200}"
 for arm in knobs defaults; do
-    envs=""; [[ $arm == knobs ]] && envs="${SEED_ENV:-LORASCOPE_FUSED_LORA_MAX_TOKENS=256 LORASCOPE_SKINNY_GEMM_MAX_TOKENS=128}"
+    envs=""; [[ $arm == knobs ]] && envs="${SEED_ENV:-LORASCOPE_FUSED_LORA_MAX_TOKENS=0}"
     env $envs timeout $((seed_budget + 60)) python3 benchmarks/gpu_seed.py --out "$out/seed_$arm" \
         --budget-s "$seed_budget" --requests-scale 1.5 --only 'main/n1-uniform-c32|main/n1000-uniform-c32' \
         > "$out/seed_$arm.log" 2>&1
