@@ -210,7 +210,7 @@ OVERLAP_MAX_TOKENS = 8
 # 16-row tiles share them. A dict so benchmarks can A/B it ("max_tokens": 0 turns it off). By default steps
 # of 9..64 tokens fuse: measured on an H100 (benchmarks/RESULTS.md, 2026-12-07 session 12), the captured
 # 8B step with 32 adapters, fused against grouped: buckets 16 / 24 / 32 / 64 took 6.03 / 6.06 / 6.15 / 6.43
-# against 6.19 / 6.25 / 6.32 / 6.46 ms, but 128 took 7.21 against 6.90 and 1..8 up to 0.03 ms more (the
+# against 6.19 / 6.25 / 6.32 / 6.46 ms, but 128 took 7.21 against 6.90 and 1..8 up to 0.04 ms more (the
 # grouped shrink runs beside the GEMM there, OVERLAP_MAX_TOKENS). `LORASCOPE_FUSED_LORA_MAX_TOKENS` sets
 # the upper bound (0: off); "min_tokens" the lower one.
 def _max_tokens_env(name: str, default: int = 0) -> int:
