@@ -126,8 +126,9 @@ def main() -> None:
 
 
 def chain_ms(weights: dict, m: int, cfgs: dict[str, GemmConfig]) -> dict:
-    """The 32 layers' GEMMs in a step's order (qkv, o, gate_up, down; each reading the previous one's
-    output, as in a layer) in one graph: cuBLASLt, then the best configs. ms a step."""
+    """The 32 layers' GEMMs in a step's order (qkv, o, gate_up, down) in one graph, on fixed inputs of
+    their widths (stream order makes each wait for the one before, as in a step): cuBLASLt, then the best
+    configs. ms a step."""
     if len(cfgs) != len(SHAPES):
         return {}
     dev, dt = "cuda", torch.bfloat16

@@ -83,7 +83,7 @@ def main() -> None:
         runner._pool = None  # the cleared graphs' pool is gone with them
         try:
             outs = llm.generate(prompts, params, names)
-        except Exception as e:  # e.g. a Triton without programmatic dependent launch: say so, go on
+        except Exception as e:  # e.g. a kernel config that does not build on this GPU: say so, go on
             row = {"variant": variant, "error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)
