@@ -9,15 +9,12 @@ results are compared almost exactly on CUDA and within a few bf16 ulps under the
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from _kernel_marks import kernel_test
+from _kernel_marks import kernel_test, run_file_under_interpreter
 from lorascope.kernels.fused_triton import HAS_TRITON, add_rmsnorm, rope_and_cache, silu_mul
 from lorascope.model.config import ModelConfig
 from lorascope.model.layers import RMSNorm, Rotary
@@ -236,8 +233,4 @@ def test_kernel_fused_lora_matches_the_grouped_kernels(dtype: torch.dtype, split
 
 @pytest.mark.skipif(HAS_CUDA or INTERPRETED or not HAS_TRITON, reason="the kernels run natively on CUDA")
 def test_kernels_under_triton_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "test_kernel_",
-                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
+    run_file_under_interpreter(__file__)

@@ -12,14 +12,12 @@ interpreter: `test_kernels_under_triton_interpreter` starts this file again with
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from _kernel_marks import kernel_test
+from _kernel_marks import kernel_test, run_file_under_interpreter
 from lorascope import LLM, SamplingParams
 from lorascope.kernels.fused_triton import HAS_TRITON
 from lorascope.model.decoder import Decoder
@@ -239,8 +237,4 @@ def test_kernels_under_triton_interpreter() -> None:
         pytest.skip("the kernel tests run directly here")
     if not HAS_TRITON:
         pytest.skip("needs triton (its interpreter)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "test_kernel_",
-                           str(Path(__file__))], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
+    run_file_under_interpreter(__file__)
