@@ -52,6 +52,11 @@ gathers rows of; a tied table is the LM head and counts), A one adapter's bytes 
 every layer), K the KV bytes of one token (2 x layers x kv_heads x head_dim x dtype bytes), P + O/2
 the mean context a generated token attends over (fixed lengths), and the copy rate 2 x bytes / time
 of a 1 GiB device-to-device copy (read + write). Prefill steps count one weight read, like decode.
+The compute side: % matmul = window tokens x F / window seconds / the measured dense matmul rate (an
+8192^3 GEMM in the run's dtype), with F the FLOPs one output token costs (`flops_per_output_token`: the
+prompt's and the decode steps' forwards through the linear weights and attention, plus one LM-head row);
+rate / F is the workload's compute bound, printed in the table's header and beside the c=256 check (on
+a CPU, where a 1024^3 GEMM is the yardstick, the fraction can pass 100%: read it on the GPU only).
 
 Robustness: a cell that fails is recorded with its error and the run goes on; `gpu_seed.json` (and
 the table, `gpu_seed.md`) is rewritten after every cell; a cell whose estimated time (from the rates
@@ -320,6 +325,23 @@ def copy_rate_gbs(device: str) -> float:
     return 2 * n * 2 * iters / (time.perf_counter() - start) / 1e9
 
 
+def matmul_rate_tflops(device: str, dtype: torch.dtype) -> float:
+    """Dense matmul rate of a large square GEMM (n = 8192 on the GPU, 1024 on CPU), the yardstick for the
+    compute-bound tok/s: no GEMM of the model's shapes runs faster than this."""
+    n = 8192 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    c = torch.empty(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        torch.matmul(a, b, out=c)
+    _sync(device)
+    start, iters = time.perf_counter(), 20 if device.startswith("cuda") else 3
+    for _ in range(iters):
+        torch.matmul(a, b, out=c)
+    _sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -339,7 +361,21 @@ def model_bytes(loaded: Any, p: Plan) -> dict[str, float]:
         "adapter_bytes": adapter,
         "kv_bytes_per_token": kv_token,
         "kv_bytes_per_output_token": kv_token * (p.prompt_len + p.output_len / 2),
+        "flops_per_output_token": flops_per_output_token(cfg, p),
     }
+
+
+def flops_per_output_token(cfg: Any, p: Plan) -> float:
+    """Dense FLOPs the workload spends per output token (fixed lengths P + O, closed loop): each request
+    runs P + O - 1 token forwards (the prompt, then O - 1 decode steps) through the layers' linear weights
+    (2 FLOPs a weight), attention's QK^T and PV (4 x q_size x context a layer, mean context ~(P + O) / 2),
+    and O LM-head rows (the prompt's other positions need no logits). LoRA's rank-16 q/v products add
+    ~0.1% and are left out. Divided into a measured matmul rate, this is the workload's compute bound."""
+    linear = cfg.num_hidden_layers * sum(i * o for i, o in (cfg.module_shape(m) for m in (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    attention = 4 * cfg.num_hidden_layers * cfg.q_size * (p.prompt_len + p.output_len) / 2
+    forwards = p.prompt_len + p.output_len - 1
+    return (forwards * (2 * linear + attention) + p.output_len * 2 * cfg.vocab_size * cfg.hidden_size) / p.output_len
 
 
 @dataclass
@@ -552,6 +588,12 @@ class Seed:
             self.bytes["kv_bytes_per_output_token"],
             self.report["meta"].get("copy_gb_s"),
         )
+        rate = self.report["meta"].get("matmul_tflops")
+        if rate and result.get("window_s"):
+            flops = result["window_tokens"] * self.bytes["flops_per_output_token"]
+            result["achieved_tflops"] = flops / result["window_s"] / 1e12
+            result["compute_fraction"] = result["achieved_tflops"] / rate
+            result["compute_bound_tok_s"] = rate * 1e12 / self.bytes["flops_per_output_token"]
         return result
 
     # -- the whole run
@@ -754,7 +796,14 @@ def checks(p: Plan, cells: dict[str, Any], hf: dict[str, Any]) -> list[dict[str,
     out = [
         _check(f"c={lo} N={n} uniform tok/s", main_u, ">=", 6000),
         _check(f"c={lo} N={n} uniform / N=1", ratio(main_u, main_1), ">=", 0.95, f"N=1: {_f(main_1)} tok/s"),
-        _check(f"c={hi} N={n} uniform tok/s", get(f"main/n{n}-uniform-c{hi}"), ">=", 30000),
+        _check(
+            f"c={hi} N={n} uniform tok/s",
+            get(f"main/n{n}-uniform-c{hi}"),
+            ">=",
+            30000,
+            f"compute bound {_f(get(f'main/n{n}-uniform-c{hi}', 'compute_bound_tok_s'))} tok/s at the measured "
+            "matmul rate",
+        ),
     ]
     p99 = {
         cid: get(cid, "ttft_p99_ms")
@@ -836,6 +885,7 @@ COLUMNS = (
     "dev loads",
     "GB/s",
     "% copy",
+    "% matmul",
 )
 
 
@@ -856,7 +906,13 @@ def _row(cell_id: str, entry: dict[str, Any]) -> list[str]:
         str(r["cache"].get("device_loads", "")),
         _f(r.get("achieved_gb_s"), 0 if (r.get("achieved_gb_s") or 0) >= 100 else 1),
         _pct(r.get("copy_fraction")),
+        _pct(r.get("compute_fraction")),
     ]
+
+
+def _bound(meta: dict[str, Any]) -> float | None:
+    flops, rate = meta.get("model_bytes", {}).get("flops_per_output_token"), meta.get("matmul_tflops")
+    return rate * 1e12 / flops if flops and rate else None
 
 
 def render(p: Plan, report: dict[str, Any]) -> str:
@@ -864,8 +920,10 @@ def render(p: Plan, report: dict[str, Any]) -> str:
     lines = [
         f"# gpu_seed: {p.model} {p.dtype} on {meta.get('device_name')}, {p.prompt_len}+{p.output_len} tokens",
         "",
-        f"copy rate {_f(meta.get('copy_gb_s'))} GB/s; elapsed {_f(report.get('elapsed_s'))} s; "
-        f"ms for TTFT/TPOT; GB/s = bytes the steps must read / window (docstring)",
+        f"copy rate {_f(meta.get('copy_gb_s'))} GB/s; matmul {_f(meta.get('matmul_tflops'), 1 if (meta.get('matmul_tflops') or 0) >= 10 else 3)} TFLOP/s "
+        f"(compute bound {_f(_bound(meta))} tok/s); elapsed {_f(report.get('elapsed_s'))} s; "
+        f"ms for TTFT/TPOT; GB/s = bytes the steps must read / window; % matmul = FLOPs / window / matmul "
+        f"rate (docstring)",
         "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -878,10 +936,10 @@ def render(p: Plan, report: dict[str, Any]) -> str:
             h = hf[key]
             lines.append(
                 f"| {label} | {h['distinct_adapters']} distinct | HF+PEFT | {p.hf_batch} (batch) | — | — | "
-                f"{_f(h['tok_s'])} |" + " |" * 8
+                f"{_f(h['tok_s'])} |" + " |" * 9
             )
     if "error" in hf or "skipped" in hf:
-        lines.append(f"| hf | {hf.get('error') or hf.get('skipped')} |" + " |" * 13)
+        lines.append(f"| hf | {hf.get('error') or hf.get('skipped')} |" + " |" * 14)
     lines += ["", "| check | target | measured | status | by | detail |", "|---|---|---|---|---|---|"]
     for c in report.get("checks", []):
         value = "—" if c["value"] is None else f"{c['value']:,.3g}" if abs(c["value"]) < 100 else f"{c['value']:,.0f}"
@@ -1000,7 +1058,9 @@ def main(argv: list[str] | None = None) -> int:
         "hf": {},
     }
     seed.report["meta"]["copy_gb_s"] = copy_rate_gbs(plan.device)
-    log(f"copy rate {seed.report['meta']['copy_gb_s']:,.0f} GB/s; building {plan.model} ({plan.dtype}, {plan.device})")
+    seed.report["meta"]["matmul_tflops"] = matmul_rate_tflops(plan.device, getattr(torch, plan.dtype))
+    log(f"copy rate {seed.report['meta']['copy_gb_s']:,.0f} GB/s, matmul {seed.report['meta']['matmul_tflops']:,.1f} "
+        f"TFLOP/s; building {plan.model} ({plan.dtype}, {plan.device})")
     seed.loaded()
     log(f"model built in {seed.shared.build_s:.1f} s")
     seed.run()
