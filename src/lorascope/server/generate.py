@@ -15,6 +15,7 @@ from jinja2 import TemplateError
 
 from lorascope.engine.async_engine import Delta, OverloadedError
 from lorascope.engine.sampling import SamplingParams
+from lorascope.model.tokenizer import TextTokenizer
 from lorascope.server import protocol as p
 from lorascope.server.state import ApiError, ServerState
 
@@ -22,21 +23,37 @@ COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class Detokenizer:
-    """Text of the tokens so far; holds back a trailing partial UTF-8 character until it completes."""
+    """Text of the tokens so far, decoded incrementally; holds back a trailing partial UTF-8 character
+    until it completes.
 
-    def __init__(self, state: ServerState):
-        self.tok = state.engine.engine.tokenizer
+    Each `add` decodes only a window: the tokens of the last emitted piece (context, so that decoders
+    which strip a leading space or merge across tokens see what came before) plus the new ones; the
+    new text is the window's text past the context's. A stream of T tokens costs O(T) decoding, not the
+    O(T^2) of re-decoding the whole sequence per chunk (at 4,096 output tokens that was ~0.2 ms of the
+    event loop per chunk). tests/server/test_detokenizer.py checks the pieces join to the full decode.
+    """
+
+    def __init__(self, tok: TextTokenizer | None):
+        self.tok = tok
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix = 0  # ids[prefix:read]: the context, already emitted
+        self.read = 0  # ids[read:]: not emitted yet
+        self.emitted = 0  # characters emitted so far
 
     def add(self, ids: list[int], final: bool) -> str:
         self.ids.extend(ids)
-        if self.tok is None:
+        if self.tok is None or len(self.ids) == self.read:
             return ""
-        full = self.tok.decode(self.ids)
-        if full.endswith("\ufffd") and not final:
+        context = self.tok.decode(self.ids[self.prefix:self.read]) if self.read > self.prefix else ""
+        window = self.tok.decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd") and not final:
             return ""
-        new, self.text = full[len(self.text):], full
+        if window.startswith(context):
+            new = window[len(context):]
+        else:  # a decoder that rewrote the context in the window's light: the whole text decides
+            new = self.tok.decode(self.ids)[self.emitted:]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.emitted += len(new)
         return new
 
 
@@ -140,7 +157,7 @@ async def completions(state: ServerState, req: p.CompletionRequest) -> Any:
     params = _params(req, COMPLETIONS_MAX_TOKENS)
     rid, created = new_id("cmpl"), int(time.time())
     gen, first = await start(state, req.prompt, params, adapter, rid)
-    detok = Detokenizer(state)
+    detok = Detokenizer(state.engine.engine.tokenizer)
     base = {"id": rid, "object": "text_completion", "created": created, "model": req.model}
     if req.stream:
         def chunk(d: Delta, text: str) -> dict[str, Any]:
@@ -163,7 +180,7 @@ async def chat_completions(state: ServerState, req: p.ChatCompletionRequest) -> 
     params = _params(req, state.max_model_len)
     rid, created = new_id("chatcmpl"), int(time.time())
     gen, first = await start(state, prompt, params, adapter, rid)
-    detok = Detokenizer(state)
+    detok = Detokenizer(state.engine.engine.tokenizer)
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model}
     if req.stream:
         def chunk(d: Delta, text: str) -> dict[str, Any]:
