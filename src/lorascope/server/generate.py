@@ -29,8 +29,9 @@ class Detokenizer:
     Each `add` decodes only a window: the tokens of the last emitted piece (context, so that decoders
     which strip a leading space or merge across tokens see what came before) plus the new ones; the
     new text is the window's text past the context's. A stream of T tokens costs O(T) decoding, not the
-    O(T^2) of re-decoding the whole sequence per chunk (at 4,096 output tokens that was ~0.2 ms of the
-    event loop per chunk). tests/server/test_detokenizer.py checks the pieces join to the full decode.
+    O(T^2) of re-decoding the whole sequence per chunk (at 4,096 output tokens that was ~0.3 ms of the
+    event loop per chunk: benchmarks/cpu_detokenizer.py). tests/server/test_detokenizer.py checks the
+    pieces join to the full decode.
     """
 
     def __init__(self, tok: TextTokenizer | None):
