@@ -54,8 +54,12 @@ def main() -> None:
     squares, tokens = ((4096, 8192, 16384), (256, 512, 1024, 2048)) if dev == "cuda" else ((256, 512), (16, 32))
     cfg = PRESETS["llama-3.1-8b"]
     flops_out = flops_per_output_token(cfg, Plan(model="llama-3.1-8b", device=dev, dtype="bfloat16"))
-    h, q, kv, i = cfg.hidden_size, cfg.q_size, cfg.kv_size, cfg.intermediate_size
-    layer = {"qkv": (h, q + 2 * kv), "o": (q, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    def packed(*modules: str) -> tuple[int, int]:  # one GEMM over modules sharing an input (Decoder.pack_projections)
+        shapes = [cfg.module_shape(m) for m in modules]
+        return shapes[0][0], sum(o for _, o in shapes)
+
+    layer = {"qkv": packed("q_proj", "k_proj", "v_proj"), "o": packed("o_proj"),
+             "gate_up": packed("gate_proj", "up_proj"), "down": packed("down_proj")}
     dt = torch.bfloat16
     report: dict = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
                     "flops_per_output_token": flops_out, "square": {}, "layer": {}}

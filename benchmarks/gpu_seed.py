@@ -110,6 +110,7 @@ from _seed_driver import (
 from lorascope.adapters.source import SyntheticSource
 from lorascope.config import EngineConfig
 from lorascope.loadgen.workload import build_workload
+from lorascope.model.config import LORA_TARGET_MODULES
 
 DTYPE_NAMES = {
     "bf16": "bfloat16",
@@ -371,8 +372,7 @@ def flops_per_output_token(cfg: Any, p: Plan) -> float:
     (2 FLOPs a weight), attention's QK^T and PV (4 x q_size x context a layer, mean context ~(P + O) / 2),
     and O LM-head rows (the prompt's other positions need no logits). LoRA's rank-16 q/v products add
     ~0.1% and are left out. Divided into a measured matmul rate, this is the workload's compute bound."""
-    linear = cfg.num_hidden_layers * sum(i * o for i, o in (cfg.module_shape(m) for m in (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")))
+    linear = cfg.num_hidden_layers * sum(i * o for i, o in map(cfg.module_shape, LORA_TARGET_MODULES))
     attention = 4 * cfg.num_hidden_layers * cfg.q_size * (p.prompt_len + p.output_len) / 2
     forwards = p.prompt_len + p.output_len - 1
     return (forwards * (2 * linear + attention) + p.output_len * 2 * cfg.vocab_size * cfg.hidden_size) / p.output_len
